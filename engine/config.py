@@ -1,0 +1,145 @@
+"""Configuration: the GPT-2 architecture (`GPT2Config`, with presets) and the engine (`EngineConfig`).
+
+Both are frozen dataclasses; variants are made with `dataclasses.replace`. CLI flags map onto fields 1:1.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+
+VOCAB_PAD_MULTIPLE = 128  # 50257 -> 50304: divisible by every sane `model` mesh size
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    layer_norm_epsilon: float = 1e-5
+    eos_token_id: int | None = 50256
+
+    def __post_init__(self) -> None:
+        for field in ("n_layer", "n_head", "n_embd", "vocab_size", "n_positions"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"GPT2Config.{field}: expected a positive int, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"GPT2Config: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def n_inner(self) -> int:
+        return 4 * self.n_embd
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return -(-self.vocab_size // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
+
+    @classmethod
+    def from_hf_dict(cls, d: Mapping) -> GPT2Config:
+        """Build from the contents of an HF `config.json`; reject anything that is not GPT-2."""
+        model_type = d.get("model_type")
+        if model_type != "gpt2":
+            raise ValueError(f"config.json: model_type is {model_type!r}; this engine runs only 'gpt2' checkpoints")
+        activation = d.get("activation_function", "gelu_new")
+        if activation != "gelu_new":
+            raise ValueError(f"config.json: activation_function {activation!r} is not supported (expected 'gelu_new')")
+        n_inner = d.get("n_inner")
+        if n_inner is not None and n_inner != 4 * d.get("n_embd", 768):
+            raise ValueError(f"config.json: n_inner={n_inner} is not supported (expected null or 4 * n_embd)")
+        eos = d.get("eos_token_id", 50256)
+        return cls(
+            n_layer=d.get("n_layer", 12), n_head=d.get("n_head", 12), n_embd=d.get("n_embd", 768),
+            vocab_size=d.get("vocab_size", 50257), n_positions=d.get("n_positions", 1024),
+            layer_norm_epsilon=d.get("layer_norm_epsilon", 1e-5),
+            eos_token_id=eos[0] if isinstance(eos, list) else eos,
+        )
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> GPT2Config:
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_hf_dict(data)
+
+    def to_hf_dict(self) -> dict:
+        return {
+            "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_layer": self.n_layer,
+            "n_head": self.n_head, "n_embd": self.n_embd, "vocab_size": self.vocab_size,
+            "n_positions": self.n_positions, "n_ctx": self.n_positions,
+            "layer_norm_epsilon": self.layer_norm_epsilon, "activation_function": "gelu_new",
+            "bos_token_id": self.eos_token_id, "eos_token_id": self.eos_token_id,
+        }
+
+
+PRESETS: dict[str, GPT2Config] = {
+    "gpt2": GPT2Config(),
+    "gpt2-medium": GPT2Config(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": GPT2Config(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": GPT2Config(n_layer=48, n_head=25, n_embd=1600),
+}
+
+
+def preset(name: str) -> GPT2Config:
+    """A preset by name; `openai-community/gpt2-xl` style hub ids map to their preset too."""
+    key = name.rsplit("/", 1)[-1]
+    if key not in PRESETS:
+        raise ValueError(f"unknown GPT-2 preset {name!r}; expected one of {sorted(PRESETS)}")
+    return PRESETS[key]
+
+
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """How the engine runs: slots, context, decode steps per call, prefill buckets, dtype, mesh."""
+
+    max_slots: int = 16
+    max_seq_len: int = 1024
+    decode_steps: int = 8
+    prefill_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024)
+    prefill_token_budget: int = 1024  # tokens per prefill call: bounds how many prompts one call packs
+    dtype: str = "float32"
+    mesh: str | None = None
+    seed: int | None = None  # engine-level seed for requests without their own
+
+    def __post_init__(self) -> None:
+        for field in ("max_slots", "max_seq_len", "decode_steps", "prefill_token_budget"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"EngineConfig.{field}: expected a positive int, got {value!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"EngineConfig.dtype: expected one of {DTYPES}, got {self.dtype!r}")
+        buckets = tuple(sorted(set(int(b) for b in self.prefill_buckets)))
+        if not buckets or buckets[0] < 1:
+            raise ValueError(f"EngineConfig.prefill_buckets: expected positive ints, got {self.prefill_buckets!r}")
+        object.__setattr__(self, "prefill_buckets", buckets)
+
+    def resolved_buckets(self) -> tuple[int, ...]:
+        """Prefill buckets clipped to the context, always ending with one that holds the longest prompt."""
+        limit = self.max_seq_len
+        kept = [b for b in self.prefill_buckets if b < limit]
+        return tuple(kept + [limit])
+
+    def prefill_batch_sizes(self, bucket: int) -> tuple[int, ...]:
+        """Row counts compiled for one bucket: 1, 4, 16, ... up to what the token budget and slots allow."""
+        cap = max(1, min(self.max_slots, self.prefill_token_budget // bucket))
+        sizes, size = [], 1
+        while size < cap:
+            sizes.append(size)
+            size *= 4
+        return tuple(sizes + [cap])
+
+    def decode_windows(self) -> tuple[int, ...]:
+        """Attention windows compiled for decode: the prefill buckets >= 64, clipped to the context."""
+        return tuple(b for b in self.resolved_buckets() if b >= min(64, self.max_seq_len))

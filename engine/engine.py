@@ -1,0 +1,150 @@
+"""`Engine`: the facade users call (from_pretrained, generate, stream, logits).
+
+One request, end to end: `generate` validates and tokenizes every prompt first (a bad one raises before
+anything runs), expands `n` into n requests with derived seeds, and queues them in the `Scheduler`. Each
+`step` then (1) asks the scheduler which waiting requests enter which free slots, grouped per prefill
+bucket, and runs one prefill program per group (prompt forward, K/V insert, first token sampled on
+device); (2) runs one decode program that advances every live slot k tokens; (3) hands the returned int
+arrays to the scheduler, which appends tokens, detects eos / stop tokens / stop strings / length, and
+frees slots at once so the next step refills them. Text is detokenised incrementally per request.
+
+This is the one engine module that imports `weights`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from engine.config import EngineConfig, GPT2Config, preset
+from engine.requests import Completion, RequestFactory, completion_of
+from engine.runner import Runner
+from engine.sampling import SamplingParams, broadcast_params
+from engine.scheduler import Request, Scheduler, SchedulerConfig, Update
+from engine.steps import StepRunner
+from engine.tokenizer import Tokenizer
+from weights import hf
+from weights.loader import init_dummy, load_safetensors
+
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+
+
+class Engine:
+    def __init__(self, cfg: GPT2Config, graphdef, params, ecfg: EngineConfig, tokenizer: Tokenizer | None):
+        self.config, self.engine_config, self.tokenizer = cfg, ecfg, tokenizer
+        dtype = jnp.dtype(ecfg.dtype)
+        self.runner = Runner(graphdef, params, cfg, ecfg, dtype)
+        self.max_seq_len = self.runner.max_len
+        self.scheduler = Scheduler(self._scheduler_config())
+        self.requests = RequestFactory(cfg, tokenizer, self.max_seq_len, ecfg.seed)
+        self._steps = StepRunner(self.runner, self.scheduler)
+        self._logits_fn = jax.jit(lambda p, tokens: self.runner._model(p)(tokens, jnp.arange(tokens.shape[1])[None])[0])
+
+    @classmethod
+    def from_pretrained(cls, model: str | os.PathLike, *, tokenizer=None, dtype: str = "float32",
+                        load_format: str = "auto", **engine_options) -> Engine:
+        """Load a GPT-2 checkpoint (local folder or hub id), or random weights with load_format="dummy"."""
+        if load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format: expected one of {LOAD_FORMATS}, got {load_format!r}")
+        ecfg = EngineConfig(dtype=dtype, **engine_options)
+        jdtype = jnp.dtype(ecfg.dtype)
+        if load_format == "dummy":
+            folder = hf.Path(model) if hf.Path(model).is_dir() else None
+            cfg = hf.read_config(folder) if folder else preset(str(model))
+            graphdef, params = init_dummy(cfg, jdtype)
+        else:
+            folder = hf.resolve(model)
+            cfg = hf.read_config(folder)
+            graphdef, params = load_safetensors(hf.weight_files(folder), cfg, jdtype)
+        tok = _load_tokenizer(tokenizer, folder)
+        return cls(cfg, graphdef, params, ecfg, tok)
+
+    def _scheduler_config(self) -> SchedulerConfig:
+        ecfg = self.engine_config
+        buckets = tuple(b for b in ecfg.resolved_buckets() if b <= self.max_seq_len)
+        if buckets[-1] != self.max_seq_len:
+            buckets += (self.max_seq_len,)
+        return SchedulerConfig(
+            max_slots=ecfg.max_slots, max_seq_len=self.max_seq_len, decode_steps=ecfg.decode_steps,
+            prefill_buckets=buckets, prefill_batch_sizes={b: ecfg.prefill_batch_sizes(b) for b in buckets},
+            decode_windows=ecfg.decode_windows(), eos_token_id=self.config.eos_token_id)
+
+    def warmup(self) -> None:
+        """Compile every program now; afterwards no prompt length or parameter mix compiles again."""
+        sc = self.scheduler.config
+        self.runner.warmup(sc.prefill_buckets, sc.decode_windows)
+
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Next-token logits for every position of one sequence: float32 [len(token_ids), vocab_size]."""
+        ids = self.requests.check_token_ids(list(token_ids), "token_ids", limit=self.config.n_positions)
+        bucket = next(b for b in self.scheduler.config.prefill_buckets + (self.config.n_positions,) if b >= len(ids))
+        padded = np.zeros((1, bucket), np.int32)
+        padded[0, : len(ids)] = ids
+        out = self._logits_fn(self.runner.params, jnp.asarray(padded))
+        return np.asarray(out[0, : len(ids), : self.config.vocab_size], np.float32)
+
+    def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Completion]:
+        """Complete every prompt; one Completion per sample, grouped by prompt in input order."""
+        prompts = _as_prompt_list(prompts)
+        per_prompt = broadcast_params(params, len(prompts))
+        groups = [self.requests.make(p, sp) for p, sp in zip(prompts, per_prompt)]
+        flat = list(itertools.chain.from_iterable(groups))
+        for req in flat:
+            self.scheduler.add(req)
+        while not all(r.finished for r in flat):
+            self.step()
+        return [completion_of(r, self.tokenizer) for r in flat]
+
+    def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield text deltas of one completion as tokens arrive (never half a character or a stop string)."""
+        (req,) = self.requests.make(prompt, dataclasses.replace(params or SamplingParams(), n=1))
+        if req.text_stream is None:
+            raise ValueError("stream: this engine has no tokenizer, so there is no text to stream")
+        self.scheduler.add(req)
+        while not req.finished:
+            self.step()
+            delta = req.text_stream.pop_delta()
+            if delta:
+                yield delta
+        rest = req.text_stream.finish()
+        if rest:
+            yield rest
+
+    def add_request(self, req: Request) -> None:
+        self.scheduler.add(req)
+
+    def step(self) -> list[Update]:
+        """One scheduling round: prefill admitted requests, then decode every live slot k steps."""
+        return self._steps.step()
+
+
+def _as_prompt_list(prompts) -> list:
+    if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and _is_token(prompts[0])):
+        return [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("prompts: expected at least one prompt")
+    return prompts
+
+
+def _is_token(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _load_tokenizer(tokenizer, folder) -> Tokenizer | None:
+    if isinstance(tokenizer, Tokenizer):
+        return tokenizer
+    if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
+        return Tokenizer.from_object(tokenizer)
+    if tokenizer is not None:
+        path = hf.Path(tokenizer)
+        return Tokenizer.from_path(path if path.exists() else hf.resolve(tokenizer))
+    if folder is not None and any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json")):
+        return Tokenizer.from_path(folder)
+    return None

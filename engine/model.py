@@ -1,0 +1,192 @@
+"""GPT-2 as Flax NNX modules with the checkpoint's parameter names, and its pure forward.
+
+Dimension legend (used in shapes and einsum subscripts):
+  B rows (prompts or cache slots)  T tokens  D embed  H heads  K head dim (64)  F mlp (4D)
+  V padded vocab  L layers  S cache slots  W attention window (cache positions read)  C the 3 of Q|K|V
+
+Parameter layout: names follow HF (`wte`, `wpe`, `h.{i}.ln_1`, `h.{i}.attn.c_attn`, ...). HF's Conv1D
+stores `[in, out]` and computes `x @ W + b`, kept here without a transpose; `c_attn` is stored as
+`[D, C, H, K]` and the attention `c_proj` as `[H, K, D]` (pure reshapes of HF's `[D, 3D]` / `[D, D]`) so
+that heads can be sharded. `wte` is padded to V rows (zeros); padded logits are -inf.
+
+The forward is a pure function of (tokens, positions, cache): it never samples, tokenizes or schedules.
+LayerNorm, softmax and logits are computed in float32 whatever the parameter dtype.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from engine.config import GPT2Config
+from engine.kv_cache import KVCache
+
+# Logical axis names of every parameter, declared once (engine.sharding maps them to mesh axes).
+PARAM_AXES: dict[str, tuple[str | None, ...]] = {
+    "wte.weight": ("vocab", "embed"),
+    "wpe.weight": (None, "embed"),
+    "ln_1.weight": ("embed",), "ln_1.bias": ("embed",),
+    "ln_2.weight": ("embed",), "ln_2.bias": ("embed",),
+    "ln_f.weight": ("embed",), "ln_f.bias": ("embed",),
+    "attn.c_attn.weight": ("embed", None, "heads", "head_dim"),
+    "attn.c_attn.bias": (None, "heads", "head_dim"),
+    "attn.c_proj.weight": ("heads", "head_dim", "embed"),
+    "attn.c_proj.bias": ("embed",),
+    "mlp.c_fc.weight": ("embed", "mlp"),
+    "mlp.c_fc.bias": ("mlp",),
+    "mlp.c_proj.weight": ("mlp", "embed"),
+    "mlp.c_proj.bias": ("embed",),
+}
+
+_NEG = float(jnp.finfo(jnp.float32).min)
+
+
+def param_axes(path: str) -> tuple[str | None, ...]:
+    """Logical axes of a parameter given its dotted path (`h.3.attn.c_attn.weight` -> its entry)."""
+    parts = path.split(".")
+    key = ".".join(parts[2:]) if parts[0] == "h" else path
+    return PARAM_AXES[key]
+
+
+def _param(shape: tuple[int, ...], dtype, rngs: nnx.Rngs | None, std: float = 0.02) -> nnx.Param:
+    if rngs is None:
+        return nnx.Param(jnp.zeros(shape, dtype))
+    return nnx.Param((std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype))
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.bias = nnx.Param(jnp.zeros((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class Linear(nnx.Module):
+    """HF Conv1D: weight [in, out], y = x @ W + b."""
+
+    def __init__(self, d_in: int, d_out: int, dtype, rngs: nnx.Rngs | None):
+        self.weight = _param((d_in, d_out), dtype, rngs)
+        self.bias = nnx.Param(jnp.zeros((d_out,), dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x @ self.weight[...] + self.bias[...]
+
+
+class QKV(nnx.Module):
+    """`attn.c_attn`: weight [D, C, H, K], bias [C, H, K]; returns q, k, v as [B, H, T, K]."""
+
+    def __init__(self, cfg: GPT2Config, dtype, rngs: nnx.Rngs | None):
+        self.weight = _param((cfg.n_embd, 3, cfg.n_head, cfg.head_dim), dtype, rngs)
+        self.bias = nnx.Param(jnp.zeros((3, cfg.n_head, cfg.head_dim), dtype))
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        qkv = jnp.einsum("btd,dchk->cbhtk", x, self.weight[...]) + self.bias[...][:, None, :, None, :]
+        return qkv[0], qkv[1], qkv[2]
+
+
+class OutProj(nnx.Module):
+    """`attn.c_proj`: weight [H, K, D], bias [D]."""
+
+    def __init__(self, cfg: GPT2Config, dtype, rngs: nnx.Rngs | None):
+        self.weight = _param((cfg.n_head, cfg.head_dim, cfg.n_embd), dtype, rngs)
+        self.bias = nnx.Param(jnp.zeros((cfg.n_embd,), dtype))
+
+    def __call__(self, o: jax.Array) -> jax.Array:
+        return jnp.einsum("bhtk,hkd->btd", o, self.weight[...]) + self.bias[...]
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
+    """q [B,H,T,K], k/v [B,H,W,K], q_pos [B,T], k_pos [B,W] -> [B,H,T,K]; key visible iff k_pos <= q_pos."""
+    scores = jnp.einsum("bhtk,bhwk->bhtw", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / jnp.sqrt(jnp.float32(q.shape[-1])))
+    visible = k_pos[:, None, None, :] <= q_pos[:, None, :, None]
+    probs = jax.nn.softmax(jnp.where(visible, scores, _NEG), axis=-1)
+    return jnp.einsum("bhtw,bhwk->bhtk", probs.astype(v.dtype), v)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: GPT2Config, dtype, rngs: nnx.Rngs | None):
+        self.c_attn = QKV(cfg, dtype, rngs)
+        self.c_proj = OutProj(cfg, dtype, rngs)
+
+    def __call__(self, x, positions, cache: KVCache | None, layer: int, slots, window: int | None):
+        """Self-attention over this call's tokens, or (window set) over the first `window` cache positions.
+
+        With a cache, this call's K/V are first written at (slot, position) for every row.
+        """
+        q, k, v = self.c_attn(x)
+        if cache is not None:
+            cache = cache.write(layer, slots, positions, k, v)
+        if window is None:
+            out = _attend(q, k, v, positions, positions)
+        else:
+            k_win, v_win = cache.window(layer, window)
+            k_pos = jnp.broadcast_to(jnp.arange(window, dtype=positions.dtype), (x.shape[0], window))
+            out = _attend(q, k_win, v_win, positions, k_pos)
+        return self.c_proj(out), cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: GPT2Config, dtype, rngs: nnx.Rngs | None):
+        self.c_fc = Linear(cfg.n_embd, cfg.n_inner, dtype, rngs)
+        self.c_proj = Linear(cfg.n_inner, cfg.n_embd, dtype, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.c_proj(jax.nn.gelu(self.c_fc(x), approximate=True))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: GPT2Config, dtype, rngs: nnx.Rngs | None):
+        self.ln_1 = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, dtype)
+        self.attn = Attention(cfg, dtype, rngs)
+        self.ln_2 = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, dtype)
+        self.mlp = MLP(cfg, dtype, rngs)
+
+    def __call__(self, x, positions, cache, layer, slots, window):
+        a, cache = self.attn(self.ln_1(x), positions, cache, layer, slots, window)
+        x = x + a
+        return x + self.mlp(self.ln_2(x)), cache
+
+
+class Embedding(nnx.Module):
+    def __init__(self, rows: int, dim: int, dtype, rngs: nnx.Rngs | None, std: float):
+        self.weight = _param((rows, dim), dtype, rngs, std)
+
+
+class GPT2(nnx.Module):
+    def __init__(self, cfg: GPT2Config, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        """Random init (std 0.02) with `rngs`; zeros without (to be overwritten by a loader)."""
+        self.config = cfg
+        self.wte = Embedding(cfg.padded_vocab_size, cfg.n_embd, dtype, rngs, 0.02)
+        self.wpe = Embedding(cfg.n_positions, cfg.n_embd, dtype, rngs, 0.01)
+        self.h = nnx.List([Block(cfg, dtype, rngs) for _ in range(cfg.n_layer)])
+        self.ln_f = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, dtype)
+
+    def __call__(self, tokens, positions, cache: KVCache | None = None, *, slots=None, window=None,
+                 select=None):
+        """tokens/positions [B,T] -> (logits f32 [B,T,V] or [B,V] with `select` [B], cache).
+
+        cache None: plain causal forward. cache + `slots` [B]: rows write their K/V into those slots
+        (prefill; out-of-range slots are dropped). cache + `window`: rows are the cache slots in order
+        and attend to cache positions [0, window) (decode).
+        """
+        x = self.wte.weight[...][tokens] + self.wpe.weight[...][positions]
+        for layer, block in enumerate(self.h):
+            x, cache = block(x, positions, cache, layer, slots, window)
+        if select is not None:
+            x = jnp.take_along_axis(x, select[:, None, None], axis=1)[:, 0]
+        return self.logits(self.ln_f(x)), cache
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """h [..., D] -> f32 [..., V] through the tied `wte`; padded vocab entries are -inf."""
+        wte = self.wte.weight[...]
+        out = jnp.einsum("...d,vd->...v", h.astype(wte.dtype), wte, preferred_element_type=jnp.float32)
+        valid = jnp.arange(wte.shape[0]) < self.config.vocab_size
+        return jnp.where(valid, out, -jnp.inf)

@@ -1,0 +1,179 @@
+"""The compiled programs and the on-device decode state they carry.
+
+Programs (a fixed set, all compiled by `warmup`):
+  prefill(bucket T, rows B): the padded prompts' forward, their K/V inserted into their slots, the
+      per-slot sampling state set, and the first token sampled, in one call;
+  decode(window W): k steps of every slot (`lax.scan`), sampling on device, attending to cache [0, W).
+`DecodeState` is donated to every program, so the cache is updated in place and never copied. Sampling
+parameters are per-slot arrays inside it: new values never recompile. The host gets back one small int
+array per call (plus logprob arrays, fetched only when a request asked for them).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from engine.config import EngineConfig, GPT2Config
+from engine.kv_cache import KVCache
+from engine.processors import process_logits, sample, top_logprobs
+from engine.sampling import MAX_LOGPROBS, SlotParams
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeState:
+    cache: KVCache
+    tokens: jax.Array  # i32[S] the next token to feed (the last one sampled)
+    steps: jax.Array  # i32[S] tokens generated so far: the fold-in index of each slot's key
+    keys: jax.Array  # u32[S,2] per-request PRNG key data
+    params: SlotParams  # per-slot sampling parameters, each [S]
+    wants_logprobs: jax.Array  # bool[S]
+    seen: jax.Array  # bool[S,V] prompt + generated tokens (repetition penalty)
+    counts: jax.Array  # i32[S,V] generated-token counts (presence / frequency penalties)
+
+
+class Sampled(NamedTuple):
+    """What one program returns per sampled token: ids and the top-N logprobs of the raw model logits."""
+
+    tokens: jax.Array
+    logprob: jax.Array
+    top_ids: jax.Array
+    top_logprobs: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PrefillRows:
+    """Host arrays for one prefill call, padded to `size` rows (padding rows use slot index S: dropped)."""
+
+    tokens: np.ndarray  # i32[B,T]
+    lengths: np.ndarray  # i32[B]
+    slots: np.ndarray  # i32[B]
+    params: SlotParams  # each [B]
+    keys: np.ndarray  # u32[B,2]
+    wants_logprobs: np.ndarray  # bool[B]
+
+
+def _zeros_params(rows: int) -> SlotParams:
+    return SlotParams(*(np.zeros(rows, np.int32 if f == "top_k" else np.float32) for f in SlotParams._fields))
+
+
+def _sample_step(logits, params: SlotParams, seen, counts, keys, steps, wants_logprobs) -> Sampled:
+    scores = process_logits(logits, params, seen, counts)
+    tokens = sample(scores, keys, steps, params.temperature == 0)
+
+    def with_logprobs(_):
+        return tuple(top_logprobs(logits, tokens, MAX_LOGPROBS))
+
+    def without(_):
+        rows = logits.shape[0]
+        return (jnp.zeros(rows, jnp.float32), jnp.zeros((rows, MAX_LOGPROBS), jnp.int32),
+                jnp.zeros((rows, MAX_LOGPROBS), jnp.float32))
+
+    lp, top_ids, top_lp = jax.lax.cond(wants_logprobs.any(), with_logprobs, without, None)
+    return Sampled(tokens, lp, top_ids, top_lp)
+
+
+def _mark(seen, counts, tokens):
+    rows = jnp.arange(tokens.shape[0])
+    return seen.at[rows, tokens].set(True), counts.at[rows, tokens].add(1)
+
+
+class Runner:
+    """Owns the model state and the decode state; runs the compiled programs."""
+
+    def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, cfg: GPT2Config, ecfg: EngineConfig,
+                 cache_dtype, cache_shardings=None):
+        self.graphdef, self.params, self.cfg, self.ecfg = graphdef, params, cfg, ecfg
+        self.max_len = min(ecfg.max_seq_len, cfg.n_positions)
+        self.trace_count = 0  # incremented whenever a program is traced: the no-recompile check reads it
+        self.state = self._initial_state(cache_dtype, cache_shardings)
+        self._prefill = jax.jit(self._prefill_impl, donate_argnums=(1,))
+        self._decode = jax.jit(self._decode_impl, donate_argnums=(1,), static_argnums=(2,))
+
+    def _initial_state(self, cache_dtype, cache_shardings) -> DecodeState:
+        s, v = self.ecfg.max_slots, self.cfg.padded_vocab_size
+        cache = KVCache.create(self.cfg, s, self.max_len, cache_dtype, cache_shardings)
+        params = SlotParams(*(jnp.asarray(a) for a in _zeros_params(s)))
+        return DecodeState(cache, jnp.zeros(s, jnp.int32), jnp.zeros(s, jnp.int32), jnp.zeros((s, 2), jnp.uint32),
+                           params, jnp.zeros(s, bool), jnp.zeros((s, v), bool), jnp.zeros((s, v), jnp.int32))
+
+    def _model(self, params: nnx.State):
+        return nnx.merge(self.graphdef, params)
+
+    def _prefill_impl(self, params, state: DecodeState, rows: PrefillRows):
+        self.trace_count += 1
+        b, t = rows.tokens.shape
+        v = self.cfg.padded_vocab_size
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        logits, cache = self._model(params)(rows.tokens, positions, state.cache, slots=rows.slots,
+                                            select=jnp.maximum(rows.lengths - 1, 0))
+        # The prompt's tokens count as seen (repetition penalty); padding positions point past V: dropped.
+        in_prompt = positions < rows.lengths[:, None]
+        seen = jnp.zeros((b, v), bool).at[jnp.arange(b)[:, None], jnp.where(in_prompt, rows.tokens, v)].set(
+            True, mode="drop")
+        counts = jnp.zeros((b, v), jnp.int32)
+        out = _sample_step(logits, rows.params, seen, counts, rows.keys, jnp.zeros(b, jnp.int32),
+                           rows.wants_logprobs)
+        seen, counts = _mark(seen, counts, out.tokens)
+        put = functools.partial(_put_rows, rows.slots)
+        state = DecodeState(
+            cache=dataclasses.replace(cache, lengths=put(cache.lengths, rows.lengths)),
+            tokens=put(state.tokens, out.tokens), steps=put(state.steps, jnp.ones(b, jnp.int32)),
+            keys=put(state.keys, rows.keys),
+            params=SlotParams(*(put(a, r) for a, r in zip(state.params, rows.params))),
+            wants_logprobs=put(state.wants_logprobs, rows.wants_logprobs),
+            seen=put(state.seen, seen), counts=put(state.counts, counts))
+        return state, out
+
+    def _decode_impl(self, params, state: DecodeState, window: int):
+        self.trace_count += 1
+        model = self._model(params)
+        last = self.max_len - 1
+
+        def step(st: DecodeState, _):
+            positions = jnp.minimum(st.cache.lengths, last)[:, None]
+            logits, cache = model(st.tokens[:, None], positions, st.cache, window=window,
+                                  select=jnp.zeros(st.tokens.shape[0], jnp.int32))
+            out = _sample_step(logits, st.params, st.seen, st.counts, st.keys, st.steps, st.wants_logprobs)
+            seen, counts = _mark(st.seen, st.counts, out.tokens)
+            cache = dataclasses.replace(cache, lengths=jnp.minimum(cache.lengths + 1, self.max_len))
+            st = dataclasses.replace(st, cache=cache, tokens=out.tokens, steps=st.steps + 1, seen=seen,
+                                     counts=counts)
+            return st, out
+
+        return jax.lax.scan(step, state, None, length=self.ecfg.decode_steps)
+
+    def prefill(self, rows: PrefillRows) -> Sampled:
+        """Run one prefill call; returns device arrays [B] (and [B, N] for the logprobs)."""
+        self.state, out = self._prefill(self.params, self.state, rows)
+        return out
+
+    def decode(self, window: int) -> Sampled:
+        """Run k decode steps over every slot; returns device arrays [k, S] (and [k, S, N])."""
+        self.state, out = self._decode(self.params, self.state, window)
+        return out
+
+    def warmup(self, buckets: tuple[int, ...], windows: tuple[int, ...]) -> None:
+        """Compile every program: each (bucket, batch size) prefill and each decode window."""
+        for bucket in buckets:
+            for size in self.ecfg.prefill_batch_sizes(bucket):
+                jax.block_until_ready(self.prefill(dummy_rows(size, bucket, self.ecfg.max_slots)))
+        for window in windows:
+            jax.block_until_ready(self.decode(window))
+
+
+def _put_rows(slots, target, rows):
+    return target.at[slots].set(rows.astype(target.dtype), mode="drop")
+
+
+def dummy_rows(size: int, bucket: int, num_slots: int) -> PrefillRows:
+    """Padding-only rows (every slot index out of range): compiles a prefill program and changes nothing."""
+    return PrefillRows(np.zeros((size, bucket), np.int32), np.ones(size, np.int32), np.full(size, num_slots, np.int32),
+                       _zeros_params(size), np.zeros((size, 2), np.uint32), np.zeros(size, bool))

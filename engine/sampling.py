@@ -1,0 +1,144 @@
+"""Per-request sampling parameters and their per-slot host arrays.
+
+`SamplingParams` is the user-facing, validated description of how one request samples. Field names and
+defaults follow vLLM / HF `generate`; every invalid value raises a `ValueError` naming the field.
+`SlotParams` stacks one SamplingParams per slot into fixed-dtype arrays [S], the pytree the compiled
+programs take, so a new value never recompiles. This module stays free of JAX (the scheduler imports it);
+the on-device processors and sampler live in `engine/processors.py`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+MAX_LOGPROBS = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    n: int = 1
+    logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        for field, problem in _problems(self):
+            raise ValueError(f"SamplingParams.{field}: {problem}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_num(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
+def _problems(p: SamplingParams) -> list[tuple[str, str]]:
+    """Every (field, what is wrong) pair; empty when the parameters are valid."""
+    out = []
+
+    def check(field: str, ok: bool, expected: str) -> None:
+        if not ok:
+            out.append((field, f"expected {expected}, got {getattr(p, field)!r}"))
+
+    check("max_new_tokens", _is_int(p.max_new_tokens) and p.max_new_tokens >= 1, "an int >= 1")
+    check("temperature", _is_num(p.temperature) and p.temperature >= 0, "a number >= 0 (0 = greedy)")
+    check("top_k", _is_int(p.top_k) and p.top_k >= 0, "an int >= 0 (0 = off)")
+    check("top_p", _is_num(p.top_p) and 0 < p.top_p <= 1, "a number in (0, 1]")
+    check("min_p", _is_num(p.min_p) and 0 <= p.min_p <= 1, "a number in [0, 1]")
+    check("repetition_penalty", _is_num(p.repetition_penalty) and p.repetition_penalty > 0, "a number > 0")
+    check("presence_penalty", _is_num(p.presence_penalty) and -2 <= p.presence_penalty <= 2, "a number in [-2, 2]")
+    check("frequency_penalty", _is_num(p.frequency_penalty) and -2 <= p.frequency_penalty <= 2,
+          "a number in [-2, 2]")
+    check("seed", p.seed is None or (_is_int(p.seed) and 0 <= p.seed < 2**64), "None or an int in [0, 2**64)")
+    check("stop", all(isinstance(s, str) and s for s in p.stop), "non-empty strings")
+    check("stop_token_ids", all(_is_int(t) and t >= 0 for t in p.stop_token_ids), "non-negative ints")
+    check("ignore_eos", isinstance(p.ignore_eos, bool), "a bool")
+    check("n", _is_int(p.n) and p.n >= 1, "an int >= 1")
+    check("logprobs", p.logprobs is None or (_is_int(p.logprobs) and 0 <= p.logprobs <= MAX_LOGPROBS),
+          f"None or an int in [0, {MAX_LOGPROBS}]")
+    return out
+
+
+def broadcast_params(params: SamplingParams | Sequence[SamplingParams] | None, count: int) -> list[SamplingParams]:
+    """One SamplingParams per prompt: None -> defaults, one -> repeated, a list -> checked for length."""
+    if params is None:
+        return [SamplingParams()] * count
+    if isinstance(params, SamplingParams):
+        return [params] * count
+    params = list(params)
+    if len(params) != count:
+        raise ValueError(f"params: got {len(params)} SamplingParams for {count} prompts; pass one or one per prompt")
+    return params
+
+
+class SlotParams(NamedTuple):
+    """Per-slot sampling parameters, each an array [S] (numpy on the host, traced inside jit).
+
+    temperature 0 marks a greedy slot; top_k 0, top_p 1 and min_p 0 mean off.
+    """
+
+    temperature: np.ndarray  # f32[S]
+    top_k: np.ndarray  # i32[S]
+    top_p: np.ndarray  # f32[S]
+    min_p: np.ndarray  # f32[S]
+    repetition_penalty: np.ndarray  # f32[S]
+    presence_penalty: np.ndarray  # f32[S]
+    frequency_penalty: np.ndarray  # f32[S]
+
+
+_INT32_MAX = 2**31 - 1
+
+
+def slot_params(params: Sequence[SamplingParams]) -> SlotParams:
+    """Stack one SamplingParams per slot (pad empty slots with `SamplingParams()`) into host arrays."""
+    params = list(params)
+
+    def column(field: str, dtype: type) -> np.ndarray:
+        return np.array([getattr(p, field) for p in params], dtype=dtype).reshape(len(params))
+
+    # Any top_k >= vocab size means off, so clipping to int32 changes nothing.
+    top_k = np.array([min(p.top_k, _INT32_MAX) for p in params], dtype=np.int32).reshape(len(params))
+    return SlotParams(
+        temperature=column("temperature", np.float32),
+        top_k=top_k,
+        top_p=column("top_p", np.float32),
+        min_p=column("min_p", np.float32),
+        repetition_penalty=column("repetition_penalty", np.float32),
+        presence_penalty=column("presence_penalty", np.float32),
+        frequency_penalty=column("frequency_penalty", np.float32),
+    )
+
+
+def seed_key_data(seed: int) -> np.ndarray:
+    """Raw threefry key data uint32[2] for `seed`, computed on the host: [high 32 bits, low 32 bits].
+
+    Equals `jax.random.key_data(jax.random.PRNGKey(seed))` under 64-bit mode for seeds below 2**63 and
+    in any mode for seeds below 2**32 (32-bit mode JAX drops the high word; we keep all 64 bits).
+    """
+    if not (isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and 0 <= seed < 2**64):
+        raise ValueError(f"seed: expected an int in [0, 2**64), got {seed!r}")
+    seed = int(seed)
+    return np.array([seed >> 32, seed & 0xFFFFFFFF], dtype=np.uint32)

@@ -1,0 +1,306 @@
+"""Request queue, slot table and finish detection: plain Python, no JAX, no NumPy, no model.
+
+The scheduler owns which request sits in which of the `max_slots` cache slots, which prefill programs
+(bucket, row count) run next, which attention window a decode call uses, and when a request finishes.
+The runner owns the device; a `PrefillBatch` / `DecodeBatch` dataclass is all that passes between them.
+
+Invariants:
+- A request is in exactly one place: the FIFO waiting queue, one slot, or finished (then `slot` is None).
+- Admission is FIFO into the lowest free slot; a slot is free again the moment its request finishes or
+  is aborted, so the next `schedule_prefills` can refill it (continuous batching).
+- A live, prefilled slot holds `prompt_len + len(output_token_ids) - 1` cache positions: the newest
+  sampled token is pending, fed by the next decode call, which advances every decoded slot `k` positions.
+- Every accepted token is appended to `output_token_ids` (its extra to `output_extras` when extras are
+  given); tokens after a finish within one call are discarded.
+- Tokens reported for a slot whose request is no longer there (aborted in flight) are ignored.
+- At most one decode call is in flight: `schedule_decode` -> `on_decode_tokens` -> `schedule_decode`.
+"""
+from __future__ import annotations
+
+import bisect
+import dataclasses
+from collections import deque
+from collections.abc import Sequence
+
+from engine.sampling import SamplingParams
+
+MAX_POSITIONS = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    max_slots: int
+    max_seq_len: int
+    decode_steps: int
+    prefill_buckets: tuple[int, ...]
+    prefill_batch_sizes: dict[int, tuple[int, ...]]
+    decode_windows: tuple[int, ...]
+    eos_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prefill_buckets", tuple(self.prefill_buckets))
+        object.__setattr__(self, "decode_windows", tuple(self.decode_windows))
+        sizes = {b: tuple(s) for b, s in dict(self.prefill_batch_sizes).items()}
+        object.__setattr__(self, "prefill_batch_sizes", sizes)
+        for field, problem in _config_problems(self):
+            raise ValueError(f"SchedulerConfig.{field}: {problem}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _ascending(values: tuple, low: int, high: int) -> bool:
+    """Non-empty, ints in [low, high], strictly increasing."""
+    ints = bool(values) and all(_is_int(v) and low <= v <= high for v in values)
+    return ints and all(a < b for a, b in zip(values, values[1:]))
+
+
+def _config_problems(c: SchedulerConfig) -> list[tuple[str, str]]:
+    """Every (field, what is wrong) pair; empty when the configuration is valid."""
+    out = []
+
+    def check(field: str, ok: bool, expected: str) -> None:
+        if not ok:
+            out.append((field, f"expected {expected}, got {getattr(c, field)!r}"))
+
+    check("max_slots", _is_int(c.max_slots) and c.max_slots >= 1, "an int >= 1")
+    seq_ok = _is_int(c.max_seq_len) and 2 <= c.max_seq_len <= MAX_POSITIONS
+    check("max_seq_len", seq_ok, f"an int in [2, {MAX_POSITIONS}]")
+    check("decode_steps", _is_int(c.decode_steps) and c.decode_steps >= 1, "an int >= 1")
+    if out:
+        return out
+    check("prefill_buckets", _ascending(c.prefill_buckets, 1, c.max_seq_len),
+          f"strictly increasing ints in [1, max_seq_len={c.max_seq_len}]")
+    missing = [b for b in c.prefill_buckets if b not in c.prefill_batch_sizes]
+    check("prefill_batch_sizes", not missing and all(_ascending(s, 1, 2**31) for s in c.prefill_batch_sizes.values()),
+          f"a strictly increasing tuple of ints >= 1 for every bucket (missing buckets: {missing})")
+    windows_ok = _ascending(c.decode_windows, 1, c.max_seq_len) and c.decode_windows[-1] == c.max_seq_len
+    check("decode_windows", windows_ok, f"strictly increasing ints ending with max_seq_len={c.max_seq_len}")
+    check("eos_token_id", c.eos_token_id is None or (_is_int(c.eos_token_id) and c.eos_token_id >= 0),
+          "None or an int >= 0")
+    return out
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One generation request; mutated in place by the scheduler as tokens arrive."""
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seed: int
+    text_stream: object | None = None  # duck-typed: push(token_id) -> bool (True: a stop string matched)
+    output_token_ids: list[int] = dataclasses.field(default_factory=list)
+    output_extras: list = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    slot: int | None = None
+    arrival: int = -1  # admission order, set by Scheduler.add
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_token_ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillBatch:
+    bucket: int  # padded prompt length
+    size: int  # padded row count, one of prefill_batch_sizes[bucket], >= len(rows)
+    rows: tuple[tuple[int, Request], ...]  # (slot, request), FIFO order
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeBatch:
+    window: int  # attention window: covers every decoded slot's cache length + decode_steps (capped)
+    slots: tuple[int, ...]  # prefilled live slots, ascending
+
+
+@dataclasses.dataclass
+class Update:
+    """The tokens one request accepted from one prefill or decode call (for streaming)."""
+    request: Request
+    new_token_ids: list[int]
+    finished: bool
+    new_extras: list = dataclasses.field(default_factory=list)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self._waiting: deque[Request] = deque()
+        self._slots: list[Request | None] = [None] * config.max_slots
+        self._known: dict[str, Request] = {}  # request_id -> waiting or live request
+        self._arrivals = 0
+        self._in_flight: tuple[tuple[int, Request], ...] | None = None  # the pending decode call
+
+    # -- queue -----------------------------------------------------------------------------------
+
+    def add(self, request: Request) -> None:
+        """Queue a request; ValueError if its prompt cannot be served or its id is already live."""
+        n, largest = request.prompt_len, self.config.prefill_buckets[-1]
+        if n == 0:
+            raise ValueError(f"request {request.request_id!r}: prompt is empty; pass at least one token")
+        if n > largest or n >= self.config.max_seq_len:
+            raise ValueError(f"request {request.request_id!r}: prompt has {n} tokens; the limit is "
+                             f"{min(largest, self.config.max_seq_len - 1)} (largest prefill bucket {largest}, "
+                             f"max_seq_len {self.config.max_seq_len} leaves room for one new token)")
+        if request.request_id in self._known:
+            raise ValueError(f"request {request.request_id!r}: a request with this id is already queued or running")
+        if request.finished or request.output_token_ids or request.slot is not None:
+            raise ValueError(f"request {request.request_id!r}: already started (finish_reason="
+                             f"{request.finish_reason!r}, {len(request.output_token_ids)} output tokens); "
+                             f"pass a fresh Request")
+        request.arrival = self._arrivals
+        self._arrivals += 1
+        self._known[request.request_id] = request
+        self._waiting.append(request)
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a waiting or live request (finish_reason "abort"); False if the id is unknown or finished."""
+        request = self._known.get(request_id)
+        if request is None:
+            return False
+        if request.slot is None:
+            self._waiting.remove(request)
+        self._finish(request, "abort")
+        return True
+
+    def has_work(self) -> bool:
+        return bool(self._waiting) or self.num_live > 0
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_live(self) -> int:
+        return sum(r is not None for r in self._slots)
+
+    @property
+    def live_slots(self) -> tuple[int, ...]:
+        return tuple(i for i, r in enumerate(self._slots) if r is not None)
+
+    def request_at(self, slot: int) -> Request | None:
+        """The request occupying `slot`, or None when it is free."""
+        return self._slots[slot]
+
+    # -- prefill ---------------------------------------------------------------------------------
+
+    def schedule_prefills(self) -> list[PrefillBatch]:
+        """Admit waiting requests FIFO into free slots; group by bucket (ascending) and split into calls."""
+        by_bucket: dict[int, list[tuple[int, Request]]] = {}
+        for slot in [i for i, r in enumerate(self._slots) if r is None]:
+            if not self._waiting:
+                break
+            request = self._waiting.popleft()
+            request.slot = slot
+            self._slots[slot] = request
+            by_bucket.setdefault(self.bucket_for(request.prompt_len), []).append((slot, request))
+        return [batch for bucket in sorted(by_bucket) for batch in self._split(bucket, by_bucket[bucket])]
+
+    def bucket_for(self, prompt_len: int) -> int:
+        """The smallest prefill bucket >= prompt_len (add() guarantees one exists)."""
+        return self.config.prefill_buckets[bisect.bisect_left(self.config.prefill_buckets, prompt_len)]
+
+    def _split(self, bucket: int, rows: list[tuple[int, Request]]) -> list[PrefillBatch]:
+        """Smallest allowed size that holds the remaining rows, else the largest allowed size, repeatedly."""
+        allowed, batches = self.config.prefill_batch_sizes[bucket], []
+        while rows:
+            size = next((s for s in allowed if s >= len(rows)), allowed[-1])
+            batches.append(PrefillBatch(bucket, size, tuple(rows[:size])))
+            rows = rows[size:]
+        return batches
+
+    def on_prefill_tokens(self, batch: PrefillBatch, tokens: Sequence[int],
+                          extras: Sequence | None = None) -> list[Update]:
+        """Accept the first sampled token of each row; tokens (and extras) are indexed by row."""
+        if len(tokens) not in (len(batch.rows), batch.size):
+            raise ValueError(f"on_prefill_tokens: got {len(tokens)} tokens for a batch of {len(batch.rows)} "
+                             f"rows (padded size {batch.size}); pass one token per row")
+        updates = []
+        for row, (slot, request) in enumerate(batch.rows):
+            if self._slots[slot] is not request or request.output_token_ids:
+                continue  # aborted in flight (or already reported)
+            extra = [extras[row]] if extras is not None else []
+            updates.append(self._accept(request, [int(tokens[row])], extra))
+        return updates
+
+    # -- decode ----------------------------------------------------------------------------------
+
+    def cache_len(self, request: Request) -> int:
+        """Device cache positions held by a prefilled live request (its newest token is still pending)."""
+        return request.prompt_len + len(request.output_token_ids) - 1
+
+    def schedule_decode(self) -> DecodeBatch | None:
+        """The next decode call over every prefilled live slot; None when there is none."""
+        if self._in_flight is not None:
+            raise RuntimeError("schedule_decode: the previous decode call was not reported; "
+                               "call on_decode_tokens first")
+        rows = tuple((i, r) for i, r in enumerate(self._slots) if r is not None and r.output_token_ids)
+        if not rows:
+            return None
+        need = max(self.cache_len(r) for _, r in rows) + self.config.decode_steps
+        windows = self.config.decode_windows
+        window = windows[min(bisect.bisect_left(windows, need), len(windows) - 1)]
+        self._in_flight = rows
+        return DecodeBatch(window, tuple(slot for slot, _ in rows))
+
+    def on_decode_tokens(self, tokens: Sequence[Sequence[int]],
+                         extras: Sequence[Sequence] | None = None) -> list[Update]:
+        """Accept tokens[step][slot] for the slots of the last schedule_decode call."""
+        if self._in_flight is None:
+            raise RuntimeError("on_decode_tokens: no decode call in flight; call schedule_decode first")
+        if len(tokens) != self.config.decode_steps:
+            raise ValueError(f"on_decode_tokens: got {len(tokens)} steps of tokens; expected decode_steps="
+                             f"{self.config.decode_steps}, each indexed by slot")
+        rows, self._in_flight = self._in_flight, None
+        updates = []
+        for slot, request in rows:
+            if self._slots[slot] is not request:
+                continue  # aborted in flight
+            new = [int(step[slot]) for step in tokens]
+            new_extras = [step[slot] for step in extras] if extras is not None else []
+            updates.append(self._accept(request, new, new_extras))
+        return updates
+
+    # -- finishing -------------------------------------------------------------------------------
+
+    def _accept(self, request: Request, tokens: list[int], extras: list) -> Update:
+        """Append tokens one by one until the request finishes; later tokens are discarded."""
+        taken = 0
+        for i, token in enumerate(tokens):
+            request.output_token_ids.append(token)
+            if extras:
+                request.output_extras.append(extras[i])
+            taken += 1
+            reason = self._finish_reason(request, token)
+            if reason is not None:
+                self._finish(request, reason)
+                break
+        return Update(request, tokens[:taken], request.finished, list(extras[:taken]))
+
+    def _finish_reason(self, request: Request, token: int) -> str | None:
+        """Why the request finishes after accepting `token` (already appended), or None."""
+        params, eos = request.params, self.config.eos_token_id
+        if eos is not None and token == eos and not params.ignore_eos:
+            return "stop"
+        if token in params.stop_token_ids:
+            return "stop"
+        if request.text_stream is not None and request.text_stream.push(token):
+            return "stop"
+        if len(request.output_token_ids) >= params.max_new_tokens:
+            return "length"
+        if request.prompt_len + len(request.output_token_ids) >= self.config.max_seq_len:
+            return "length"
+        return None
+
+    def _finish(self, request: Request, reason: str) -> None:
+        """Record the reason and free the request's slot and id at once."""
+        request.finish_reason = reason
+        if request.slot is not None:
+            self._slots[request.slot] = None
+            request.slot = None
+        self._known.pop(request.request_id, None)

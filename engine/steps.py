@@ -1,0 +1,75 @@
+"""One scheduling round: scheduler decisions -> runner calls -> results back to the scheduler.
+
+The bridge between the pure-Python `Scheduler` and the device `Runner`: it packs a `PrefillBatch` into
+padded host arrays, and turns the small arrays a program returns into token lists (and logprob entries,
+fetched from the device only when a request in the call asked for them).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from engine.requests import TokenLogprob
+from engine.runner import PrefillRows, Runner, Sampled
+from engine.sampling import SlotParams, seed_key_data, slot_params
+from engine.scheduler import PrefillBatch, Request, Scheduler, Update
+
+
+def pack_prefill(batch: PrefillBatch, num_slots: int) -> PrefillRows:
+    """Host arrays for a prefill call: rows right-padded to the bucket, padding rows aimed at slot S."""
+    size, reqs = batch.size, [r for _, r in batch.rows]
+    tokens = np.zeros((size, batch.bucket), np.int32)
+    lengths = np.ones(size, np.int32)
+    slots = np.full(size, num_slots, np.int32)
+    keys = np.zeros((size, 2), np.uint32)
+    wants = np.zeros(size, bool)
+    for row, (slot, req) in enumerate(batch.rows):
+        tokens[row, : req.prompt_len] = req.prompt_token_ids
+        lengths[row], slots[row] = req.prompt_len, slot
+        keys[row] = seed_key_data(req.seed)
+        wants[row] = req.params.logprobs is not None
+    real = slot_params([r.params for r in reqs])
+    params = SlotParams(*(np.concatenate([a, np.zeros(size - len(reqs), a.dtype)]) for a in real))
+    return PrefillRows(tokens, lengths, slots, params, keys, wants)
+
+
+def _extra(req: Request | None, out: dict, index) -> TokenLogprob | None:
+    if req is None or req.params.logprobs is None:
+        return None
+    n = req.params.logprobs
+    top = tuple((int(i), float(v)) for i, v in zip(out["top_ids"][index][:n], out["top_logprobs"][index][:n]))
+    return TokenLogprob(int(out["tokens"][index]), float(out["logprob"][index]), top)
+
+
+def _fetch(out: Sampled, wanted: bool) -> dict:
+    """Device -> host; the logprob arrays only when some request asked for them."""
+    fields = Sampled._fields if wanted else ("tokens",)
+    return {f: np.asarray(getattr(out, f)) for f in fields}
+
+
+class StepRunner:
+    def __init__(self, runner: Runner, scheduler: Scheduler):
+        self.runner, self.scheduler = runner, scheduler
+
+    def step(self) -> list[Update]:
+        updates = []
+        for batch in self.scheduler.schedule_prefills():
+            updates += self._prefill(batch)
+        decode = self.scheduler.schedule_decode()
+        if decode is not None:
+            updates += self._decode(decode.slots, decode.window)
+        return updates
+
+    def _prefill(self, batch: PrefillBatch) -> list[Update]:
+        out = self.runner.prefill(pack_prefill(batch, self.scheduler.config.max_slots))
+        reqs = [r for _, r in batch.rows]
+        host = _fetch(out, any(r.params.logprobs is not None for r in reqs))
+        extras = [_extra(r, host, row) for row, r in enumerate(reqs)]
+        return self.scheduler.on_prefill_tokens(batch, host["tokens"][: len(reqs)].tolist(), extras)
+
+    def _decode(self, slots: tuple[int, ...], window: int) -> list[Update]:
+        out = self.runner.decode(window)
+        live = {s: self.scheduler.request_at(s) for s in slots}
+        host = _fetch(out, any(r is not None and r.params.logprobs is not None for r in live.values()))
+        tokens = host["tokens"].tolist()
+        extras = [[_extra(live.get(s), host, (k, s)) for s in range(len(row))] for k, row in enumerate(tokens)]
+        return self.scheduler.on_decode_tokens(tokens, extras)

@@ -1,0 +1,296 @@
+"""Sampling: parameter validation, HF-identical processors, seeded on-device draws, no recompilation."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from engine.processors import process_logits, sample, top_logprobs
+from engine.sampling import SamplingParams, SlotParams, broadcast_params, seed_key_data, slot_params
+
+PAD = 4  # trailing padded vocab entries, -inf like the engine's padded logits
+process = jax.jit(process_logits)
+draw = jax.jit(sample)
+
+
+def random_logits(rows: int, vocab: int, seed: int = 0, scale: float = 3.0) -> np.ndarray:
+    logits = np.random.default_rng(seed).normal(0, scale, (rows, vocab)).astype(np.float32)
+    logits[:, vocab - PAD:] = -np.inf
+    return logits
+
+
+def history(rows: int, vocab: int, seed: int = 1) -> np.ndarray:
+    """Token ids i64[rows, 12]: 8 'prompt' then 4 'generated' tokens per row (real vocab only)."""
+    return np.random.default_rng(seed).integers(0, vocab - PAD, (rows, 12))
+
+
+def seen_counts(ids: np.ndarray, vocab: int, generated_from: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    seen = np.zeros((len(ids), vocab), bool)
+    counts = np.zeros((len(ids), vocab), np.int32)
+    for r, row in enumerate(ids):
+        seen[r, row] = True
+        np.add.at(counts[r], row[generated_from:], 1)
+    return seen, counts
+
+
+def run(logits: np.ndarray, params: list[SamplingParams], ids: np.ndarray | None = None) -> np.ndarray:
+    seen, counts = seen_counts(ids, logits.shape[1]) if ids is not None else seen_counts(
+        np.zeros((len(logits), 0), int), logits.shape[1])
+    return np.asarray(process(logits, slot_params(params), seen, counts))
+
+
+def hf_rows(logits: np.ndarray, make, values, ids: np.ndarray | None = None) -> np.ndarray:
+    """HF processor `make(value)` applied row by row (value None -> row unchanged)."""
+    out = []
+    for r, value in enumerate(values):
+        row = torch.from_numpy(logits[r:r + 1].copy())
+        row_ids = torch.from_numpy(ids[r:r + 1]) if ids is not None else torch.zeros((1, 0), dtype=torch.long)
+        out.append(row if value is None else make(value)(row_ids, row))
+    return torch.cat(out).numpy()
+
+
+def assert_same_scores(ours: np.ndarray, ref: np.ndarray) -> None:
+    np.testing.assert_array_equal(np.isneginf(ours), np.isneginf(ref))
+    finite = np.isfinite(ref)
+    np.testing.assert_allclose(ours[finite], ref[finite], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("temperature", -0.5), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1), ("n", 0), ("logprobs", 21),
+    ("min_p", 1.5), ("repetition_penalty", 0.0), ("presence_penalty", 2.5), ("frequency_penalty", -3.0),
+    ("max_new_tokens", 0), ("seed", -1), ("seed", 2**64), ("stop", ("",)), ("stop_token_ids", (-1,)),
+    ("ignore_eos", 1), ("top_k", 2.0), ("temperature", float("nan")),
+])
+def test_invalid_params_name_the_field(field, value):
+    with pytest.raises(ValueError, match=f"SamplingParams.{field}:"):
+        SamplingParams(**{field: value})
+
+
+def test_valid_params_and_broadcast():
+    p = SamplingParams(temperature=0.0, stop="x", top_p=1.0, logprobs=20, seed=2**64 - 1)
+    assert p.greedy and p.stop == ("x",)
+    assert broadcast_params(p, 3) == [p] * 3
+    with pytest.raises(ValueError, match="params"):
+        broadcast_params([p, p], 3)
+
+
+def test_slot_params_arrays():
+    sp = slot_params([SamplingParams(top_k=2**40, temperature=0.5), SamplingParams()])
+    assert all(a.shape == (2,) for a in sp)
+    assert sp.top_k.dtype == np.int32 and sp.top_k[0] == 2**31 - 1
+    assert sp.temperature.dtype == np.float32 and sp.temperature[0] == 0.5
+    assert slot_params([]).top_p.shape == (0,)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 12345, 2**31 - 1, 2**31, 2**32 - 1])
+def test_seed_key_data_small_seeds(seed):
+    np.testing.assert_array_equal(seed_key_data(seed), jax.random.key_data(jax.random.PRNGKey(seed)))
+
+
+def test_seed_key_data_64_bit_seeds():
+    for seed in [2**32 + 5, 2**40 + 3, 2**63 - 1]:
+        with jax.enable_x64(True):
+            expected = np.asarray(jax.random.key_data(jax.random.PRNGKey(seed)))
+        np.testing.assert_array_equal(seed_key_data(seed), expected)
+    assert seed_key_data(2**64 - 1).tolist() == [2**32 - 1] * 2
+    with pytest.raises(ValueError, match="seed"):
+        seed_key_data(2**64)
+
+
+def test_repetition_penalty_matches_hf():
+    logits, ids = random_logits(4, 64), history(4, 64)
+    penalties = [1.0, 1.3, 0.7, 2.0]
+    ours = run(logits, [SamplingParams(repetition_penalty=x) for x in penalties], ids)
+    assert_same_scores(ours, hf_rows(logits, RepetitionPenaltyLogitsProcessor, penalties, ids))
+    prompt_only = sorted(set(ids[3, :8]) - set(ids[3, 8:]))  # prompt tokens are penalised too
+    assert prompt_only and (ours[3, prompt_only] != logits[3, prompt_only]).all()
+
+
+def test_presence_and_frequency_penalties():
+    logits, ids = random_logits(3, 64), history(3, 64)
+    seen, counts = seen_counts(ids, 64)
+    params = [SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), SamplingParams(),
+              SamplingParams(presence_penalty=-1.0, temperature=0.0)]
+    expected = logits.copy()
+    expected[0] -= 0.5 * (counts[0] > 0) + 0.25 * counts[0]
+    expected[2] += 1.0 * (counts[2] > 0)
+    assert_same_scores(run(logits, params, ids), expected)
+
+
+def test_temperature_matches_hf_and_greedy_rows_pass_through():
+    logits = random_logits(4, 64)
+    temps = [0.5, 1.0, 2.0, 0.0]
+    ours = run(logits, [SamplingParams(temperature=t, top_k=3) if t == 0 else SamplingParams(temperature=t)
+                        for t in temps])
+    ref = hf_rows(logits, TemperatureLogitsWarper, [t or None for t in temps])
+    assert_same_scores(ours, ref)
+
+
+def test_top_k_matches_hf():
+    logits = random_logits(5, 64)
+    ks = [1, 3, 10, 0, 500]
+    ours = run(logits, [SamplingParams(top_k=k) for k in ks])
+    assert_same_scores(ours, hf_rows(logits, TopKLogitsWarper, [k if 0 < k < 64 else None for k in ks]))
+    assert (np.isfinite(ours).sum(1) == [1, 3, 10, 60, 60]).all()
+
+
+def test_top_k_keeps_ties_at_kth_value():
+    logits = np.array([[5.0, 4.0, 4.0, 1.0, 4.0, 0.0, -np.inf, -np.inf]], np.float32)
+    ours = run(logits, [SamplingParams(top_k=2)])
+    assert_same_scores(ours, hf_rows(logits, TopKLogitsWarper, [2]))
+    assert np.isfinite(ours[0]).tolist() == [True, True, True, False, True, False, False, False]
+
+
+def test_top_p_matches_hf():
+    logits = random_logits(5, 64, scale=1.5)
+    ps = [0.1, 0.5, 0.9, 0.999, 1.0]
+    ours = run(logits, [SamplingParams(top_p=p) for p in ps])
+    assert_same_scores(ours, hf_rows(logits, TopPLogitsWarper, ps[:-1] + [None]))
+    assert len(set(np.isfinite(ours).sum(1))) > 3
+
+
+def test_min_p_matches_hf():
+    logits = random_logits(5, 64, scale=1.5)
+    ms = [0.0, 0.05, 0.2, 0.7, 1.0]
+    ours = run(logits, [SamplingParams(min_p=m) for m in ms])
+    assert_same_scores(ours, hf_rows(logits, MinPLogitsWarper, [None] + ms[1:]))
+    assert np.isfinite(ours[4]).sum() == 1
+
+
+def hf_chain(logits: np.ndarray, ids: np.ndarray, params: list[SamplingParams]) -> np.ndarray:
+    """HF generate's order per row; presence/frequency (no HF class) right after the repetition penalty."""
+    _, counts = seen_counts(ids, logits.shape[1])
+    rows = []
+    for r, p in enumerate(params):
+        x = RepetitionPenaltyLogitsProcessor(p.repetition_penalty)(torch.from_numpy(ids[r:r + 1]),
+                                                                   torch.from_numpy(logits[r:r + 1].copy()))
+        penalty = p.presence_penalty * (counts[r:r + 1] > 0) + p.frequency_penalty * counts[r:r + 1]
+        x = x - torch.from_numpy(penalty).float()
+        if not p.greedy:
+            warpers = [TemperatureLogitsWarper(p.temperature)]
+            warpers += [TopKLogitsWarper(p.top_k)] if p.top_k else []
+            warpers += [TopPLogitsWarper(p.top_p)] if p.top_p < 1 else []
+            warpers += [MinPLogitsWarper(p.min_p)] if p.min_p > 0 else []
+            for w in warpers:
+                x = w(None, x)
+        rows.append(x.float())
+    return torch.cat(rows).numpy()
+
+
+def test_composed_chain_matches_hf_order():
+    vocab = 1000
+    logits, ids = random_logits(8, vocab, seed=3), history(8, vocab, seed=4)
+    params = [
+        SamplingParams(repetition_penalty=1.2, temperature=0.8, top_k=50, top_p=0.9, min_p=0.05),
+        SamplingParams(temperature=1.3, top_p=0.7),
+        SamplingParams(temperature=0.0, repetition_penalty=1.5, top_k=5, frequency_penalty=0.5),
+        SamplingParams(temperature=0.5, top_k=20, min_p=0.1, presence_penalty=1.0),
+        SamplingParams(),
+        SamplingParams(temperature=2.0, top_k=200, top_p=0.95, repetition_penalty=0.8),
+        SamplingParams(temperature=0.7, min_p=0.02, frequency_penalty=-0.5),
+        SamplingParams(top_k=1, top_p=0.5),
+    ]
+    assert_same_scores(run(logits, params, ids), hf_chain(logits, ids, params))
+
+
+def test_defaults_leave_logits_unchanged():
+    logits = random_logits(3, 64)
+    np.testing.assert_array_equal(run(logits, [SamplingParams()] * 3), logits)
+
+
+def keys(seeds: list[int]) -> np.ndarray:
+    return np.stack([seed_key_data(s) for s in seeds])
+
+
+def test_draws_follow_the_processed_distribution():
+    vocab, n = 16 + PAD, 20_000
+    logits = random_logits(1, vocab, seed=5, scale=1.0)
+    scores = np.asarray(run(logits, [SamplingParams(top_k=5, temperature=0.7)]))[0]
+    expected = np.asarray(jax.nn.softmax(scores))
+    tokens = np.asarray(draw(np.tile(scores, (n, 1)), keys([42] * n), np.arange(n, dtype=np.int32),
+                             np.zeros(n, bool)))
+    freq = np.bincount(tokens, minlength=vocab) / n
+    sigma = np.sqrt(expected * (1 - expected) / n)
+    assert (np.abs(freq - expected) <= 4 * sigma + 1e-9).all(), (freq, expected)
+    assert (freq[~np.isfinite(scores)] == 0).all() and np.isfinite(scores).sum() == 5
+
+
+def test_same_key_and_step_same_token_whatever_the_batch():
+    scores = random_logits(6, 64, seed=6, scale=0.5)
+    key_data, steps, greedy = keys([7, 8, 9, 7, 10, 11]), np.array([3, 5, 11, 4, 0, 2], np.int32), np.zeros(6, bool)
+    batch = np.asarray(draw(scores, key_data, steps, greedy))
+    order = np.array([5, 2, 0, 4, 1, 3])
+    permuted = np.asarray(draw(scores[order], key_data[order], steps[order], greedy[order]))
+    np.testing.assert_array_equal(permuted, batch[order])
+    for r in range(6):
+        alone = draw(scores[r:r + 1], key_data[r:r + 1], steps[r:r + 1], greedy[r:r + 1])
+        assert int(alone[0]) == batch[r]
+    mates = random_logits(6, 64, seed=99)
+    mates[2] = scores[2]
+    assert int(draw(mates, keys([1, 2, 9, 4, 5, 6]), steps, greedy)[2]) == batch[2]
+
+
+def test_seed_and_step_drive_the_draws():
+    scores = np.zeros((64, 32), np.float32)
+    greedy = np.zeros(64, bool)
+    a = np.asarray(draw(scores, keys([1] * 64), np.arange(64, dtype=np.int32), greedy))
+    b = np.asarray(draw(scores, keys([2] * 64), np.arange(64, dtype=np.int32), greedy))
+    assert len(set(a.tolist())) > 10 and (a != b).any()
+
+
+def test_top_k_one_equals_greedy_and_ties_take_lowest_id():
+    logits, ids = random_logits(4, 64, seed=7), history(4, 64)
+    topk1 = run(logits, [SamplingParams(top_k=1, repetition_penalty=1.3)] * 4, ids)
+    greedy = run(logits, [SamplingParams(temperature=0.0, repetition_penalty=1.3)] * 4, ids)
+    sampled = draw(topk1, keys([1, 2, 3, 4]), np.zeros(4, np.int32), np.zeros(4, bool))
+    argmax = draw(greedy, keys([1, 2, 3, 4]), np.zeros(4, np.int32), np.ones(4, bool))
+    np.testing.assert_array_equal(sampled, argmax)
+    np.testing.assert_array_equal(argmax, greedy.argmax(1))
+    tied = np.array([[1.0, 3.0, 3.0, 2.0]], np.float32)
+    assert int(draw(tied, keys([0]), np.zeros(1, np.int32), np.ones(1, bool))[0]) == 1
+
+
+def test_top_logprobs_are_of_the_raw_model_distribution():
+    logits = random_logits(3, 64, seed=8)
+    tokens = np.array([0, 5, 17], np.int32)
+    out = jax.jit(top_logprobs, static_argnums=2)(logits, tokens, 4)
+    ref = torch.log_softmax(torch.from_numpy(logits), -1)
+    values, ids = torch.topk(ref, 4)
+    np.testing.assert_allclose(out.token_logprob, ref[np.arange(3), tokens], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(out.top_ids, ids.numpy())
+    np.testing.assert_allclose(out.top_logprobs, values.numpy(), rtol=1e-5, atol=1e-5)
+    assert top_logprobs(logits, tokens, 0).top_ids.shape == (3, 0)
+
+
+def test_new_parameter_values_never_recompile():
+    traces = []
+
+    @jax.jit
+    def step(logits, p: SlotParams, seen, counts, key_data, steps):
+        traces.append(1)
+        return sample(process_logits(logits, p, seen, counts), key_data, steps, p.temperature == 0)
+
+    logits, ids = random_logits(4, 64), history(4, 64)
+    seen, counts = seen_counts(ids, 64)
+    variants = [
+        [SamplingParams()] * 4,
+        [SamplingParams(temperature=0.0)] * 4,
+        [SamplingParams(top_k=3, temperature=0.5), SamplingParams(top_p=0.8), SamplingParams(min_p=0.1),
+         SamplingParams(temperature=0.0, repetition_penalty=1.5, presence_penalty=1.0)],
+        [dataclasses.replace(SamplingParams(), top_k=2**40, frequency_penalty=2.0)] * 4,
+    ]
+    for i, params in enumerate(variants):
+        tokens = step(logits, slot_params(params), seen, counts, keys([i] * 4), np.full(4, i, np.int32))
+        assert tokens.shape == (4,) and tokens.dtype == jnp.int32
+    assert len(traces) == 1

@@ -1,0 +1,141 @@
+"""safetensors -> NNX state, each array placed shard by shard straight onto its sharding.
+
+Every parameter is built with `jax.make_array_from_callback`: the callback reads only the slice a device
+needs (`safe_open(...).get_slice`), so no host ever holds a full copy per device. The layout changes of
+`engine.model` (c_attn [D,3D] -> [D,C,H,K], attn c_proj [D,D] -> [H,K,D], wte padded to V rows) are done
+per slice, never on the whole tensor.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import SafetensorError, safe_open
+
+from engine.config import GPT2Config
+from engine.model import GPT2
+from weights.hf import CheckpointError, expected_keys, hf_shape, is_ignored, strip_prefix
+
+ShardingFn = Callable[[str, tuple[int, ...]], jax.sharding.Sharding]
+
+
+class _Source:
+    """The open safetensors files of one checkpoint: (prefix-stripped) key -> (handle, stored key)."""
+
+    def __init__(self, files: list[Path], cfg: GPT2Config):
+        self.handles, self.keys = [], {}
+        for path in files:
+            try:
+                handle = safe_open(str(path), framework="numpy")
+            except (SafetensorError, OSError, ValueError) as e:
+                raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+            self.handles.append(handle)
+            for key in handle.keys():
+                self.keys[strip_prefix(key)] = (handle, key, path)
+        self._check(cfg)
+
+    def _check(self, cfg: GPT2Config) -> None:
+        expected = expected_keys(cfg)
+        unexpected = sorted(k for k in self.keys if k not in expected and not is_ignored(k))
+        if unexpected:
+            raise CheckpointError(f"{self.keys[unexpected[0]][2]}: unexpected key {unexpected[0]!r} "
+                                  f"({len(unexpected)} unexpected in all); is this a GPT-2 checkpoint?")
+        missing = sorted(expected - set(self.keys))
+        if missing:
+            raise CheckpointError(f"checkpoint is missing key {missing[0]!r} ({len(missing)} missing in all)")
+        for key, (handle, stored, path) in self.keys.items():
+            if _IGNORED_SHAPELESS(key):
+                continue
+            shape = tuple(handle.get_slice(stored).get_shape())
+            if shape != hf_shape(key, cfg):
+                raise CheckpointError(f"{path}: key {stored!r} has shape {list(shape)}, expected "
+                                      f"{list(hf_shape(key, cfg))} for {cfg}")
+
+    def read(self, key: str, index: tuple[slice, ...]) -> np.ndarray:
+        handle, stored, path = self.keys[key]
+        try:
+            return np.asarray(handle.get_slice(stored)[index])
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: cannot read {stored!r} ({e}); is the file truncated?") from None
+
+
+def _IGNORED_SHAPELESS(key: str) -> bool:
+    return is_ignored(key) and key != "lm_head.weight"
+
+
+def _span(s: slice, size: int) -> tuple[int, int]:
+    start, stop, _ = s.indices(size)
+    return start, stop
+
+
+def _read_param(src: _Source, path: str, shape: tuple[int, ...], index: tuple[slice, ...], cfg: GPT2Config):
+    """The slice `index` of NNX parameter `path` (our layout), read from the HF tensor."""
+    d, k = cfg.n_embd, cfg.head_dim
+    if path.endswith("attn.c_attn.weight") or path.endswith("attn.c_attn.bias"):
+        is_w = path.endswith("weight")
+        lead = index[:1] if is_w else ()
+        (c0, c1), (h0, h1) = _span(index[-3], 3), _span(index[-2], cfg.n_head)
+        parts = [src.read(path, lead + (slice(c * d + h0 * k, c * d + h1 * k),)) for c in range(c0, c1)]
+        block = np.stack([p.reshape(p.shape[:-1] + (h1 - h0, k)) for p in parts], axis=-3)
+        return block[..., index[-1]]
+    if path.endswith("attn.c_proj.weight"):
+        (h0, h1) = _span(index[0], cfg.n_head)
+        rows = src.read(path, (slice(h0 * k, h1 * k), index[2]))
+        return rows.reshape(h1 - h0, k, -1)[:, index[1]]
+    if path == "wte.weight":
+        v0, v1 = _span(index[0], shape[0])
+        real = src.read(path, (slice(v0, min(v1, cfg.vocab_size)), index[1])) if v0 < cfg.vocab_size else None
+        pad = np.zeros((v1 - max(v0, cfg.vocab_size), real.shape[1] if real is not None else
+                        len(range(*index[1].indices(shape[1])))), np.float32)
+        return pad if real is None else np.concatenate([real, pad.astype(real.dtype)])
+    return src.read(path, index)
+
+
+def _path_str(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def abstract_model(cfg: GPT2Config, dtype) -> tuple[nnx.GraphDef, nnx.State]:
+    """Graph definition and an abstract (shape-only) state, with no memory allocated."""
+    return nnx.split(nnx.eval_shape(lambda: GPT2(cfg, dtype)))
+
+
+def load_safetensors(files: list[Path], cfg: GPT2Config, dtype, sharding_fn: ShardingFn | None = None):
+    """Read an HF checkpoint into (graphdef, state), each array placed per `sharding_fn(path, shape)`."""
+    src = _Source(files, cfg)
+    graphdef, abstract = abstract_model(cfg, dtype)
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def build(path: tuple, leaf) -> jax.Array:
+        name, shape = _path_str(path), tuple(leaf.shape)
+        sharding = sharding_fn(name, shape) if sharding_fn else default
+
+        def callback(index):
+            return _read_param(src, name, shape, index, cfg).astype(jnp.dtype(dtype))
+
+        return jax.make_array_from_callback(shape, sharding, callback)
+
+    return graphdef, jax.tree_util.tree_map_with_path(lambda p, x: build(_keys(p), x), abstract)
+
+
+def _keys(path) -> tuple:
+    """A pytree path of an NNX state leaf as plain names, without the Variable's trailing `value`."""
+    keys = tuple(getattr(p, "key", getattr(p, "idx", getattr(p, "name", p))) for p in path)
+    return keys[:-1] if keys and keys[-1] == "value" else keys
+
+
+def init_dummy(cfg: GPT2Config, dtype, seed: int = 0, sharding_fn: ShardingFn | None = None):
+    """Random weights (std 0.02) for a config, made on device; for benchmarks and tests."""
+    graphdef, abstract = abstract_model(cfg, dtype)
+    shardings = None
+    if sharding_fn is not None:
+        shardings = jax.tree_util.tree_map_with_path(lambda p, x: sharding_fn(_path_str(_keys(p)), x.shape), abstract)
+
+    def make():
+        return nnx.split(GPT2(cfg, dtype, rngs=nnx.Rngs(seed)))[1]
+
+    return graphdef, jax.jit(make, out_shardings=shardings)()
