@@ -37,7 +37,7 @@ def process_logits(logits: jax.Array, p: SlotParams, seen: jax.Array, counts: ja
     scores = apply_penalties(logits.astype(jnp.float32), p, seen, counts)
     greedy = p.temperature == 0
     warped = _truncate(apply_temperature(scores, p.temperature), p, greedy)
-    return warped
+    return jnp.where(greedy[:, None], scores, warped)
 
 
 def apply_penalties(scores: jax.Array, p: SlotParams, seen: jax.Array, counts: jax.Array) -> jax.Array:
@@ -110,8 +110,11 @@ def _take(rows: jax.Array, index: jax.Array) -> jax.Array:
 def sample(scores: jax.Array, key_data: jax.Array, steps: jax.Array, greedy: jax.Array) -> jax.Array:
     """One token i32[S] per row. Greedy rows take the argmax (ties -> lowest token id); the others draw
     from softmax(scores) with key fold_in(key_data[s], steps[s]) (key_data u32[S, 2], raw threefry)."""
-    drawn = jax.vmap(_draw)(scores, key_data, steps)
-    return jnp.where(greedy, jnp.argmax(scores, axis=-1), drawn).astype(jnp.int32)
+    best = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+    # All-greedy calls (common in batch jobs) skip the S x V random draws entirely.
+    drawn = jax.lax.cond(greedy.all(), lambda: best,
+                         lambda: jax.vmap(_draw)(scores, key_data, steps).astype(jnp.int32))
+    return jnp.where(greedy, best, drawn)
 
 
 def _draw(row: jax.Array, key_data: jax.Array, step: jax.Array) -> jax.Array:

@@ -22,7 +22,7 @@ from flax import nnx
 from engine.config import EngineConfig, GPT2Config
 from engine.kv_cache import KVCache
 from engine.processors import process_logits, sample, top_logprobs
-from engine.sampling import MAX_LOGPROBS, SlotParams
+from engine.sampling import MAX_LOGPROBS, SamplingParams, SlotParams, slot_params
 
 
 @jax.tree_util.register_dataclass
@@ -60,8 +60,9 @@ class PrefillRows:
     wants_logprobs: np.ndarray  # bool[B]
 
 
-def _zeros_params(rows: int) -> SlotParams:
-    return SlotParams(*(np.zeros(rows, np.int32 if f == "top_k" else np.float32) for f in SlotParams._fields))
+def neutral_params(rows: int) -> SlotParams:
+    """Parameters of idle or padding rows: greedy, every processor off (no division by a zero penalty)."""
+    return slot_params([SamplingParams(temperature=0.0)] * rows)
 
 
 def _sample_step(logits, params: SlotParams, seen, counts, keys, steps, wants_logprobs) -> Sampled:
@@ -100,7 +101,7 @@ class Runner:
     def _initial_state(self, cache_dtype, cache_shardings) -> DecodeState:
         s, v = self.ecfg.max_slots, self.cfg.padded_vocab_size
         cache = KVCache.create(self.cfg, s, self.max_len, cache_dtype, cache_shardings)
-        params = SlotParams(*(jnp.asarray(a) for a in _zeros_params(s)))
+        params = SlotParams(*(jnp.asarray(a) for a in neutral_params(s)))
         return DecodeState(cache, jnp.zeros(s, jnp.int32), jnp.zeros(s, jnp.int32), jnp.zeros((s, 2), jnp.uint32),
                            params, jnp.zeros(s, bool), jnp.zeros((s, v), bool), jnp.zeros((s, v), jnp.int32))
 
@@ -176,4 +177,4 @@ def _put_rows(slots, target, rows):
 def dummy_rows(size: int, bucket: int, num_slots: int) -> PrefillRows:
     """Padding-only rows (every slot index out of range): compiles a prefill program and changes nothing."""
     return PrefillRows(np.zeros((size, bucket), np.int32), np.ones(size, np.int32), np.full(size, num_slots, np.int32),
-                       _zeros_params(size), np.zeros((size, 2), np.uint32), np.zeros(size, bool))
+                       neutral_params(size), np.zeros((size, 2), np.uint32), np.zeros(size, bool))

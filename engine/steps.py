@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from engine.requests import TokenLogprob
-from engine.runner import PrefillRows, Runner, Sampled
+from engine.runner import PrefillRows, Runner, Sampled, neutral_params
 from engine.sampling import SlotParams, seed_key_data, slot_params
 from engine.scheduler import PrefillBatch, Request, Scheduler, Update
 
@@ -27,8 +27,8 @@ def pack_prefill(batch: PrefillBatch, num_slots: int) -> PrefillRows:
         lengths[row], slots[row] = req.prompt_len, slot
         keys[row] = seed_key_data(req.seed)
         wants[row] = req.params.logprobs is not None
-    real = slot_params([r.params for r in reqs])
-    params = SlotParams(*(np.concatenate([a, np.zeros(size - len(reqs), a.dtype)]) for a in real))
+    real, pad = slot_params([r.params for r in reqs]), neutral_params(size - len(reqs))
+    params = SlotParams(*(np.concatenate([a, b]) for a, b in zip(real, pad)))
     return PrefillRows(tokens, lengths, slots, params, keys, wants)
 
 
