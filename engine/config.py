@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Mapping
 
-VOCAB_PAD_MULTIPLE = 128  # 50257 -> 50304: divisible by every sane `model` mesh size
+VOCAB_PAD_MULTIPLE = 128  # and n_head: gpt2/medium 50304, large 50560, xl 51200 (see padded_vocab_size)
+# HF GPT2Config flags whose other values change the math (HF's defaults are plain GPT-2's values).
+_GPT2_FLAGS = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+               "tie_word_embeddings": True, "add_cross_attention": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +44,10 @@ class GPT2Config:
 
     @property
     def padded_vocab_size(self) -> int:
-        return -(-self.vocab_size // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
+        """Vocab rounded up to a multiple of 128 and of n_head, so every `model` mesh size that splits the
+        heads (xl: 5 or 25) also splits the vocab."""
+        multiple = math.lcm(VOCAB_PAD_MULTIPLE, self.n_head)
+        return -(-self.vocab_size // multiple) * multiple
 
     @classmethod
     def from_hf_dict(cls, d: Mapping) -> GPT2Config:
@@ -54,6 +61,9 @@ class GPT2Config:
         n_inner = d.get("n_inner")
         if n_inner is not None and n_inner != 4 * d.get("n_embd", 768):
             raise ValueError(f"config.json: n_inner={n_inner} is not supported (expected null or 4 * n_embd)")
+        for key, needed in _GPT2_FLAGS.items():  # variants that would load but compute different logits
+            if d.get(key, needed) != needed:
+                raise ValueError(f"config.json: {key}={d[key]!r} is not supported (GPT-2 uses {needed!r})")
         eos = d.get("eos_token_id", 50256)
         return cls(
             n_layer=d.get("n_layer", 12), n_head=d.get("n_head", 12), n_embd=d.get("n_embd", 768),

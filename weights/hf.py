@@ -86,8 +86,8 @@ def read_config(folder: Path) -> GPT2Config:
         raise CheckpointError(f"{folder}: no config.json (expected an HF GPT-2 model folder)")
     try:
         return GPT2Config.from_json_file(path)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: {e}") from None
+    except ValueError as e:  # messages may already name the file: keep one prefix
+        raise CheckpointError(f"{path}: {str(e).removeprefix(f'{path}: ').removeprefix('config.json: ')}") from None
 
 
 def weight_files(folder: Path) -> list[Path]:
