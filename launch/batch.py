@@ -1,0 +1,154 @@
+"""`python -m launch.batch INPUT.jsonl [options]`: run a JSONL file of prompts through the engine.
+
+Flags map onto `EngineConfig` fields (--max-slots, --max-seq-len, ...) and onto the default
+`SamplingParams` of every line (--temperature, --max-new-tokens, ...); a line's own fields override them.
+Line formats and the output shape: `launch/jsonl.py` (native) and `launch/openai_batch.py` (OpenAI batch).
+The loop: `launch/batch_job.py`; files and --resume: `launch/batch_io.py`.
+
+Exit status: 0 when every line got an output line (bad lines get error lines); 1 for a job-level failure
+(input unreadable, output not writable, model not loadable), with one message on stderr; 2 for bad flags.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from tqdm import tqdm
+
+from engine.config import DTYPES, EngineConfig
+from engine.sampling import SamplingParams
+from launch import distributed
+from launch.batch_io import JobError, count_lines, default_output, input_lines, open_input
+from launch.batch_job import BatchJob, JobOptions, Stats
+
+log = logging.getLogger("launch.batch")
+
+ENGINE_FLAGS = ("max_slots", "max_seq_len", "decode_steps", "prefill_buckets", "mesh")
+SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+                  "presence_penalty", "frequency_penalty", "stop", "ignore_eos", "logprobs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m launch.batch", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("input", help="JSONL file: one request object per line")
+    p.add_argument("--model", default="gpt2", help="hub id or local folder of an HF GPT-2 checkpoint")
+    p.add_argument("--tokenizer", help="tokenizer folder/file or hub id (default: the model's own)")
+    p.add_argument("--output", help="output JSONL (default: INPUT with .jsonl -> .out.jsonl); '-' for stdout")
+    p.add_argument("--resume", action="store_true", help="keep the output's complete lines, answer the rest")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--dtype", choices=DTYPES, default=EngineConfig.dtype)
+    p.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
+                   help="dummy: random weights of the model's shape (needs no checkpoint)")
+    e = p.add_argument_group("engine (EngineConfig fields; default: EngineConfig's)")
+    e.add_argument("--max-slots", type=int, help="requests decoded together (cache slots)")
+    e.add_argument("--max-seq-len", type=int, help="context positions per slot (prompt + output)")
+    e.add_argument("--decode-steps", type=int, help="tokens per decode call")
+    e.add_argument("--prefill-buckets", type=_int_tuple, help="comma-separated padded prompt lengths")
+    e.add_argument("--mesh", help="device mesh, e.g. data=2,model=4")
+    e.add_argument("--max-in-flight", type=int, help="lines held at once (default: 4 x max-slots)")
+    s = p.add_argument_group("default sampling (SamplingParams fields; a line's own fields win)")
+    s.add_argument("--max-new-tokens", type=int)
+    s.add_argument("--temperature", type=float, help="0 = greedy")
+    s.add_argument("--top-k", type=int)
+    s.add_argument("--top-p", type=float)
+    s.add_argument("--min-p", type=float)
+    s.add_argument("--repetition-penalty", type=float)
+    s.add_argument("--presence-penalty", type=float)
+    s.add_argument("--frequency-penalty", type=float)
+    s.add_argument("--seed", type=int, help="lines without a seed get one derived from this and their id")
+    s.add_argument("--stop", action="append", help="stop string (repeatable)")
+    s.add_argument("--ignore-eos", action="store_true", default=None)
+    s.add_argument("--logprobs", type=int, help="return the top-N logprobs of every generated token")
+    distributed.add_arguments(p)
+    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    return p
+
+
+def _int_tuple(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints such as 16,64,256, got {text!r}") from None
+
+
+def _given(args: argparse.Namespace, names: tuple[str, ...]) -> dict:
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+
+def configs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[dict, JobOptions]:
+    """Engine options and job options from the flags; a bad value is a usage error naming the field."""
+    engine_options = {"dtype": args.dtype, **_given(args, ENGINE_FLAGS)}
+    try:
+        ecfg = EngineConfig(**engine_options)
+        defaults = SamplingParams(**_given(args, SAMPLING_FLAGS))
+    except ValueError as e:
+        parser.error(str(e))
+    max_in_flight = args.max_in_flight if args.max_in_flight is not None else 4 * ecfg.max_slots
+    if max_in_flight < 1:
+        parser.error(f"--max-in-flight: expected an int >= 1, got {max_in_flight}")
+    return engine_options, JobOptions(defaults, args.seed, max_in_flight, args.model)
+
+
+def load_engine(args: argparse.Namespace, engine_options: dict):
+    from engine.engine import Engine  # imports JAX: after the cheap checks
+
+    log.info("loading %s (load_format=%s, %s)", args.model, args.load_format,
+             ", ".join(f"{k}={v}" for k, v in engine_options.items()))
+    started = time.perf_counter()
+    try:
+        engine = Engine.from_pretrained(args.model, tokenizer=args.tokenizer, load_format=args.load_format,
+                                        **engine_options)
+    except Exception as e:  # any failure to load is job-level: one message, no traceback
+        log.debug("model load failed", exc_info=True)
+        raise JobError(f"cannot load model {args.model!r}: {e}") from None
+    log.info("loaded in %.1f s (tokenizer: %s)", time.perf_counter() - started,
+             "yes" if engine.tokenizer is not None else "none: token-id prompts only")
+    return engine
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Stats:
+    engine_options, options = configs(args, parser)
+    source = open_input(args.input)
+    output = args.output or default_output(args.input)
+    writer = distributed.output_writer(output, resume=args.resume, overwrite=args.overwrite)  # process 0 writes
+    if writer.done:
+        log.info("resuming %s: %d lines already answered", output, len(writer.done))
+    try:
+        engine = load_engine(args, engine_options)
+        total = count_lines(args.input) if sys.stderr.isatty() else None
+        with tqdm(total=total, unit="line", file=sys.stderr, disable=None, dynamic_ncols=True) as bar:
+            stats = BatchJob(engine, writer, options, bar).run(input_lines(source))
+    finally:
+        writer.close()
+        source.close()
+    log.info("done -> %s | %s", "stdout" if output == "-" else output, stats.summary())
+    return stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("launch").setLevel(args.log_level)
+    try:
+        distributed.initialize(args)
+        run(args, parser)
+    except JobError as e:
+        log.error("%s", e)
+        return 1
+    except KeyboardInterrupt:
+        log.error("interrupted; finished lines are saved, rerun with --resume to answer the rest")
+        return 130
+    except Exception as e:  # the engine or the disk failed mid-job: the output so far is complete lines
+        log.debug("job failed", exc_info=True)
+        log.error("job failed (%s: %s); finished lines are saved, rerun with --resume "
+                  "(--log-level DEBUG shows the traceback)", type(e).__name__, e)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

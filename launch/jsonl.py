@@ -1,0 +1,187 @@
+"""Batch-job lines: one JSON input line -> a validated `Job`; finished requests -> one JSON output line.
+
+Two line formats share this module:
+- native: `{"id": ..., "prompt": "..." | "prompt_token_ids": [...], <SamplingParams fields>...}`
+  (`max_tokens` is an alias of `max_new_tokens`);
+- OpenAI batch API: `{"custom_id": ..., "method": "POST", "url": "/v1/completions", "body": {...}}`,
+  parsed and answered by `launch/openai_batch.py`.
+
+Invariants:
+- `read_line` never raises: a line that is not JSON or not an object comes back with `problem` set.
+- Every line has a `key` (its id or custom_id, typed) that is also recoverable from its output line
+  (`key_of_output`), so `--resume` can skip exactly the lines already answered.
+- `native_job` / `openai_job` raise `ValueError` naming the offending field; nothing is queued before they pass.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+
+from engine.requests import Completion, TokenLogprob
+from engine.sampling import SamplingParams
+
+PARAM_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
+ALIASES = {"max_tokens": "max_new_tokens"}
+NATIVE_FIELDS = ("id", "prompt", "prompt_token_ids") + PARAM_FIELDS + tuple(ALIASES)
+
+
+@dataclasses.dataclass(frozen=True)
+class Line:
+    """One raw input line: its position, its identity, and the parsed object or what was wrong."""
+
+    line_no: int  # 0-based physical line number
+    ident: object  # `id` (native, default line_no) or `custom_id` (OpenAI)
+    openai: bool
+    obj: Mapping | None = None
+    problem: str | None = None  # set when the line is unusable before field validation
+
+    @property
+    def key(self) -> str:
+        return make_key(self.ident, self.openai)
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """A validated line, ready for `engine.requests.make`."""
+
+    line: Line
+    prompt: str | list[int]
+    params: SamplingParams
+
+
+def make_key(ident: object, openai: bool) -> str:
+    """The resume key: distinguishes 3 from "3", and native ids from OpenAI custom_ids."""
+    return ("custom_id:" if openai else "id:") + json.dumps(ident)
+
+
+def key_of_output(obj: object) -> str:
+    """The key of a line already written to the output (for --resume)."""
+    if not isinstance(obj, Mapping) or not ("custom_id" in obj or "id" in obj):
+        raise ValueError(f"not an output line of this tool (no 'id' or 'custom_id'): {str(obj)[:80]}")
+    return make_key(obj["custom_id"], True) if "custom_id" in obj else make_key(obj["id"], False)
+
+
+def read_line(raw: bytes, line_no: int) -> Line:
+    """Decode and JSON-parse one line; find its id. Never raises."""
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        return Line(line_no, line_no, False, problem=f"line is not valid UTF-8 ({e.reason} at byte {e.start})")
+    except json.JSONDecodeError as e:
+        return Line(line_no, line_no, False, problem=f"invalid JSON: {e.msg} (column {e.colno})")
+    if not isinstance(obj, dict):
+        return Line(line_no, line_no, False, problem=f"expected a JSON object, got {type(obj).__name__}")
+    openai = "custom_id" in obj
+    ident = obj["custom_id"] if openai else obj.get("id", line_no)
+    if not _valid_ident(ident):
+        field = "custom_id" if openai else "id"
+        return Line(line_no, line_no, False, obj,
+                    problem=f"{field}: expected a string or an int, got {json.dumps(ident)[:40]}")
+    return Line(line_no, ident, openai, obj)
+
+
+def _valid_ident(ident: object) -> bool:
+    return isinstance(ident, str) or (isinstance(ident, int) and not isinstance(ident, bool))
+
+
+def native_job(line: Line, defaults: SamplingParams, base_seed: int | None) -> Job:
+    """Validate a native line: its prompt and per-line SamplingParams overrides."""
+    obj = line.obj
+    for field in ("body", "url", "method"):
+        if field in obj:
+            raise ValueError(f"{field}: looks like an OpenAI batch line but has no 'custom_id'; add one")
+    unknown = sorted(k for k in obj if k not in NATIVE_FIELDS)
+    if unknown:
+        raise ValueError(f"{unknown[0]}: unknown field; expected 'prompt' or 'prompt_token_ids', 'id', "
+                         f"'max_tokens' or a SamplingParams field ({', '.join(PARAM_FIELDS)})")
+    prompt = native_prompt(obj)
+    overrides = {k: v for k, v in obj.items() if k in PARAM_FIELDS or k in ALIASES}
+    return Job(line, prompt, sampling_params(overrides, defaults, line.key, base_seed))
+
+
+def native_prompt(obj: Mapping) -> str | list[int]:
+    has_text, has_ids = "prompt" in obj, "prompt_token_ids" in obj
+    if has_text and has_ids:
+        raise ValueError("prompt: give either 'prompt' or 'prompt_token_ids', not both")
+    if has_ids:
+        ids = obj["prompt_token_ids"]
+        if not isinstance(ids, list):
+            raise ValueError(f"prompt_token_ids: expected a list of ints, got {type(ids).__name__}")
+        return ids  # ints and their range are checked by engine.requests
+    if not has_text:
+        raise ValueError("prompt: missing; expected 'prompt' (a string) or 'prompt_token_ids' (a list of ints)")
+    if not isinstance(obj["prompt"], str):
+        raise ValueError(f"prompt: expected a string, got {type(obj['prompt']).__name__} "
+                         f"(token ids go in 'prompt_token_ids')")
+    return checked_text(obj["prompt"], "prompt")
+
+
+def checked_text(text: str, field: str) -> str:
+    """JSON allows lone surrogates (\\ud800) that are not text; the tokenizer would fail on them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{field}: not valid Unicode text ({e.reason} at character {e.start})") from None
+    return text
+
+
+def sampling_params(overrides: Mapping, defaults: SamplingParams, key: str, base_seed: int | None) -> SamplingParams:
+    """`defaults` with the line's overrides; a line without a seed gets one derived from base_seed + key."""
+    fields, renamed = dict(overrides), {}
+    for alias, name in ALIASES.items():
+        if alias in fields:
+            if name in fields:
+                raise ValueError(f"{alias}: give either '{alias}' or '{name}', not both")
+            fields[name], renamed[name] = fields.pop(alias), alias
+    _check_sequences(fields)
+    if fields.get("seed") is None and base_seed is not None:
+        fields["seed"] = line_seed(base_seed, key)
+    try:
+        return dataclasses.replace(defaults, **fields)
+    except ValueError as e:
+        message = str(e).removeprefix("SamplingParams.")
+        field = message.split(":", 1)[0]
+        raise ValueError(renamed.get(field, field) + message[len(field):]) from None
+
+
+def _check_sequences(fields: Mapping) -> None:
+    """JSON types SamplingParams would otherwise fail on with a TypeError."""
+    stop = fields.get("stop", [])
+    if not isinstance(stop, (str, list)):
+        raise ValueError(f"stop: expected a string or a list of strings, got {json.dumps(stop)[:40]}")
+    if not isinstance(fields.get("stop_token_ids", []), list):
+        raise ValueError(f"stop_token_ids: expected a list of ints, got {json.dumps(fields['stop_token_ids'])[:40]}")
+
+
+def line_seed(base_seed: int, key: str) -> int:
+    """A per-line seed from the job seed and the line's key: reproducible, also across --resume."""
+    digest = hashlib.blake2b(f"{base_seed}/{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def native_output(line: Line, completions: Sequence[Completion], has_text: bool) -> dict:
+    """One output object: flat for n == 1, with `choices` for n > 1; usage counts the prompt once."""
+    first = completions[0]
+    usage = {"prompt_tokens": len(first.prompt_token_ids),
+             "completion_tokens": sum(len(c.token_ids) for c in completions)}
+    if len(completions) == 1:
+        return {"id": line.ident, **_choice(first, has_text), "usage": usage}
+    choices = [{"index": c.index, **_choice(c, has_text)} for c in completions]
+    return {"id": line.ident, "choices": choices, "usage": usage}
+
+
+def _choice(c: Completion, has_text: bool) -> dict:
+    out = {"text": c.text if has_text else None, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
+    if c.logprobs is not None:
+        out["logprobs"] = [_logprob(lp) for lp in c.logprobs]
+    return out
+
+
+def _logprob(lp: TokenLogprob) -> dict:
+    return {"token_id": lp.token_id, "logprob": lp.logprob, "top": [[t, v] for t, v in lp.top]}
+
+
+def native_error(line: Line, message: str) -> dict:
+    return {"id": line.ident, "error": message}

@@ -1,0 +1,280 @@
+"""End to end: `python -m launch.batch` in a subprocess on a tiny checkpoint folder with the GPT-2 tokenizer.
+
+Every run shares one small engine shape and one JAX compilation cache, so only the first run compiles.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "shared/data/gpt2-tokenizer"
+ENGINE_FLAGS = ["--max-slots", "2", "--max-seq-len", "128", "--decode-steps", "2", "--prefill-buckets", "16,64"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    if not TOKENIZER_DIR.is_dir():
+        pytest.skip(f"GPT-2 tokenizer files not found at {TOKENIZER_DIR}")
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("tiny_gpt2")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64))
+    model.save_pretrained(folder, safe_serialization=True)
+    for f in TOKENIZER_DIR.iterdir():
+        shutil.copy(f, folder / f.name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict:
+    cache = tmp_path_factory.mktemp("jax_cache")
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache),
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+
+
+def command(*args) -> list[str]:
+    return [sys.executable, "-m", "launch.batch", *map(str, args)]
+
+
+def run_batch(env: dict, *args, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(command(*args), cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def write_jsonl(path: Path, lines: list) -> Path:
+    """Dicts become JSON lines; strings are written as they are (bad lines, blank lines)."""
+    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def greedy(ident, prompt: str, tokens: int = 6, **extra) -> dict:
+    return {"id": ident, "prompt": prompt, "temperature": 0, "max_new_tokens": tokens, **extra}
+
+
+# One line per error kind; the expected fragment names the problem (or the field).
+BAD_LINES = [
+    ('{"id": "broken", "prompt": "Hel', "invalid JSON"),
+    ("[1, 2, 3]", "expected a JSON object"),
+    ({"id": "no-prompt", "max_new_tokens": 3}, "prompt: missing"),
+    ({"id": "bad-top-p", "prompt": "Hi", "top_p": 1.5}, "top_p"),
+    ({"id": "bad-max-tokens", "prompt": "Hi", "max_tokens": 0}, "max_tokens"),
+    ({"id": "bad-stop", "prompt": "Hi", "stop": 5}, "stop"),
+    ({"id": "typo", "prompt": "Hi", "temprature": 0}, "temprature"),
+    ({"id": "out-of-range", "prompt_token_ids": [464, 99999]}, "token id 99999 is out of range"),
+    ({"id": "too-long", "prompt_token_ids": [464] * 200}, "200 tokens"),
+    ({"id": "empty", "prompt_token_ids": []}, "empty"),
+    ({"id": "greedy-a", "prompt": "repeated id"}, "repeats an earlier line"),
+]
+GOOD_LINES = [
+    greedy("greedy-a", "The capital of France is"),
+    greedy("greedy-b", "Once upon a time", tokens=5, logprobs=2),
+    {"prompt_token_ids": [464, 2068, 7586], "n": 2, "max_tokens": 4, "seed": 11},
+    greedy(7, "Numbers: one, two,", tokens=8, stop=["three"]),
+]
+OPENAI_LINES = [
+    {"custom_id": "oa-1", "method": "POST", "url": "/v1/completions",
+     "body": {"model": "gpt2", "prompt": "Say this is a test", "max_tokens": 5, "temperature": 0, "n": 2,
+              "logprobs": 1}},
+    {"custom_id": "oa-chat", "method": "POST", "url": "/v1/chat/completions",
+     "body": {"model": "gpt2", "messages": [{"role": "user", "content": "Hi"}]}},
+    {"custom_id": "oa-many", "url": "/v1/completions", "body": {"prompt": ["a", "b"]}},
+    {"custom_id": "oa-echo", "url": "/v1/completions", "body": {"prompt": "a", "echo": True}},
+    {"custom_id": "oa-temp", "url": "/v1/completions", "body": {"prompt": "a", "temperature": -1}},
+]
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory, tiny_model, env):
+    """One run over good, bad, blank and OpenAI lines, interleaved."""
+    folder = tmp_path_factory.mktemp("mixed")
+    lines = [GOOD_LINES[0], *[b for b, _ in BAD_LINES[:6]], "", GOOD_LINES[1], OPENAI_LINES[0], GOOD_LINES[2],
+             *[b for b, _ in BAD_LINES[6:]], *OPENAI_LINES[1:], "   ", GOOD_LINES[3]]
+    path = write_jsonl(folder / "mixed.jsonl", lines)
+    proc = run_batch(env, path, "--model", tiny_model, *ENGINE_FLAGS, "--max-new-tokens", "4")
+    assert proc.returncode == 0, proc.stderr
+    outputs = read_jsonl(folder / "mixed.out.jsonl")
+    return lines, outputs, proc
+
+
+def expected_ident(line, line_no: int):
+    if isinstance(line, dict):
+        return line.get("custom_id", line.get("id", line_no))
+    return line_no  # not JSON or not an object: the line number
+
+
+def test_one_output_per_line_in_input_order(mixed):
+    lines, outputs, _ = mixed
+    numbered = [(no, x) for no, x in enumerate(lines) if not (isinstance(x, str) and not x.strip())]
+    assert len(outputs) == len(numbered)  # blank lines get none
+    for (no, line), out in zip(numbered, outputs):
+        got = out.get("custom_id", out.get("id"))
+        assert got == expected_ident(line, no)
+
+
+def test_bad_lines_get_error_naming_the_problem(mixed):
+    _, outputs, proc = mixed
+    errors = [o for o in outputs if "error" in o and "custom_id" not in o]
+    assert len(errors) == len(BAD_LINES)
+    for (_, fragment), out in zip(BAD_LINES, errors):
+        assert fragment in out["error"], out
+        assert set(out) == {"id", "error"}
+    assert "lines: 5 ok, 15 failed" in proc.stderr  # 4 native + 1 OpenAI ok; 11 native + 4 OpenAI failed
+
+
+def test_good_native_lines(mixed, tiny_model):
+    from engine.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_path(tiny_model)
+    by_id = {o["id"]: o for o in mixed[1] if "id" in o and "error" not in o and "custom_id" not in o}
+    a = by_id["greedy-a"]
+    assert set(a) == {"id", "text", "token_ids", "finish_reason", "usage"}
+    assert len(a["token_ids"]) == 6 and a["finish_reason"] == "length"  # the line's value beats the flag
+    assert a["text"] == tok.decode(a["token_ids"])
+    assert a["usage"] == {"prompt_tokens": len(tok.encode("The capital of France is")), "completion_tokens": 6}
+    b = by_id["greedy-b"]
+    assert len(b["logprobs"]) == 5 and all(len(lp["top"]) == 2 for lp in b["logprobs"])
+    assert [lp["token_id"] for lp in b["logprobs"]] == b["token_ids"]
+    assert all(lp["top"][0][1] >= lp["logprob"] - 1e-6 for lp in b["logprobs"])
+    sampled = by_id[10]  # no id: its 0-based line number
+    assert [c["index"] for c in sampled["choices"]] == [0, 1]
+    assert all(len(c["token_ids"]) == 4 for c in sampled["choices"])  # max_tokens alias
+    assert sampled["usage"] == {"prompt_tokens": 3, "completion_tokens": 8}
+    stopped = by_id[7]
+    assert "three" not in stopped["text"] and len(stopped["token_ids"]) <= 8
+
+
+def test_openai_batch_lines(mixed):
+    outputs = {o["custom_id"]: o for o in mixed[1] if "custom_id" in o}
+    assert set(outputs) == {line["custom_id"] for line in OPENAI_LINES}
+    ok = outputs["oa-1"]
+    assert ok["id"].startswith("batch_req_") and ok["error"] is None
+    assert ok["response"]["status_code"] == 200 and ok["response"]["request_id"]
+    body = ok["response"]["body"]
+    assert body["object"] == "text_completion" and isinstance(body["created"], int) and body["id"]
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    assert body["choices"][0]["text"] == body["choices"][1]["text"]  # greedy: both samples agree
+    logprobs = body["choices"][0]["logprobs"]
+    assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == len(logprobs["top_logprobs"]) == 5
+    assert "".join(logprobs["tokens"]) == body["choices"][0]["text"]
+    usage = body["usage"]
+    assert usage["completion_tokens"] == 10 and usage["total_tokens"] == usage["prompt_tokens"] + 10
+    for custom_id, fragment in [("oa-chat", "/v1/chat/completions"), ("oa-many", "2 prompts"),
+                                ("oa-echo", "echo"), ("oa-temp", "temperature")]:
+        out = outputs[custom_id]
+        assert out["response"] is None and fragment in out["error"]["message"], out
+        assert out["error"]["code"]
+
+
+@pytest.fixture(scope="module")
+def forty(tmp_path_factory, tiny_model, env):
+    """A clean run to stdout over 40 lines (38 long greedy ones): the reference for the resume test."""
+    folder = tmp_path_factory.mktemp("forty")
+    long = [greedy(f"r{i}", f"Item {i}: the weather today is", tokens=32, ignore_eos=True) for i in range(38)]
+    path = write_jsonl(folder / "jobs.jsonl", [GOOD_LINES[0], "not json", *long])
+    proc = run_batch(env, path, "--model", tiny_model, *ENGINE_FLAGS, "--output", "-")
+    assert proc.returncode == 0, proc.stderr
+    assert not (folder / "jobs.out.jsonl").exists()
+    return path, proc
+
+
+def test_stdout_mode_prints_only_json_lines(forty, mixed):
+    _, proc = forty
+    outputs = [json.loads(line) for line in proc.stdout.splitlines()]  # fails on anything but JSON lines
+    assert [o["id"] for o in outputs] == ["greedy-a", 1, *(f"r{i}" for i in range(38))]
+    assert "error" in outputs[1] and "lines: 39 ok, 1 failed" in proc.stderr
+    earlier = next(o for o in mixed[1] if o.get("id") == "greedy-a" and "error" not in o)
+    assert outputs[0] == earlier  # greedy: other batch mates, same result
+
+
+def complete_lines(path: Path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+def test_resume_after_kill_9(tmp_path, tiny_model, env, forty):
+    path = shutil.copy(forty[0], tmp_path / "jobs.jsonl")
+    out = tmp_path / "jobs.out.jsonl"
+    victim = subprocess.Popen(command(path, "--model", tiny_model, *ENGINE_FLAGS), cwd=REPO, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while complete_lines(out) < 4 and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    done_before = complete_lines(out)
+    assert 4 <= done_before < 40
+    with out.open("ab") as f:
+        f.write(b'{"id": "r37", "text": "a torn li')  # a crash in the middle of a write
+    resumed = run_batch(env, path, "--model", tiny_model, *ENGINE_FLAGS, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{done_before} lines already answered" in resumed.stderr
+    assert f"{40 - done_before} ok, 0 failed, {done_before} skipped" in resumed.stderr
+    outputs = read_jsonl(out)
+    reference = [json.loads(line) for line in forty[1].stdout.splitlines()]
+    assert sorted(map(json.dumps, outputs)) == sorted(map(json.dumps, reference))  # each id once, same results
+    assert outputs == reference  # and in input order
+
+
+def test_unloadable_model_fails_with_one_message(tmp_path, env):
+    model = tmp_path / "not_a_model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    path = write_jsonl(tmp_path / "in.jsonl", [greedy("x", "Hi")])
+    proc = run_batch(env, path, "--model", model, "--output", "-")
+    assert proc.returncode == 1
+    assert "cannot load model" in proc.stderr and "llama" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_mesh_flag_reaches_the_engine(tmp_path, tiny_model, env):
+    path = write_jsonl(tmp_path / "in.jsonl", [greedy("x", "Hi")])
+    proc = run_batch(env, path, "--model", tiny_model, "--mesh", "data=1,model=8", "--max-slots", "2")
+    assert proc.returncode == 1  # 8 does not divide the tiny model's 4 heads: refused before any weight is read
+    assert "mesh model=8" in proc.stderr and "sizes that work: 1, 2, 4" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_input_and_existing_output_fail_cleanly(tmp_path, env):
+    proc = run_batch(env, tmp_path / "nope.jsonl")
+    assert proc.returncode == 1
+    assert "cannot read input" in proc.stderr and "nope.jsonl" in proc.stderr and "Traceback" not in proc.stderr
+    path = write_jsonl(tmp_path / "in.jsonl", [greedy("x", "Hi")])
+    (tmp_path / "in.out.jsonl").write_text('{"id": "x", "error": "earlier"}\n')
+    proc = run_batch(env, path)
+    assert proc.returncode == 1 and "--resume" in proc.stderr and "Traceback" not in proc.stderr
+    assert (tmp_path / "in.out.jsonl").read_text() == '{"id": "x", "error": "earlier"}\n'
+
+
+def test_bad_flag_is_a_usage_error(tmp_path, env):
+    path = write_jsonl(tmp_path / "in.jsonl", [greedy("x", "Hi")])
+    proc = run_batch(env, path, "--top-p", "2")
+    assert proc.returncode == 2 and "top_p" in proc.stderr
+
+
+def test_dummy_gpt2_with_token_ids_only(tmp_path, env):
+    lines = [{"id": "ids", "prompt_token_ids": [464, 2068, 7586, 21831], "temperature": 0},
+             {"id": "text", "prompt": "needs a tokenizer"},
+             {"id": "stop", "prompt_token_ids": [464], "stop": ["x"]}]
+    path = write_jsonl(tmp_path / "ids.jsonl", lines)
+    proc = run_batch(env, path, "--load-format", "dummy", "--model", "gpt2", "--max-slots", "2", "--max-seq-len",
+                     "32", "--decode-steps", "2", "--prefill-buckets", "16", "--max-new-tokens", "3")
+    assert proc.returncode == 0, proc.stderr
+    ok, text, stop = read_jsonl(tmp_path / "ids.out.jsonl")
+    assert ok["text"] is None and len(ok["token_ids"]) == 3
+    assert all(0 <= t < 50257 for t in ok["token_ids"])
+    assert "tokenizer" in text["error"] and "prompt_token_ids" in text["error"]
+    assert "stop" in stop["error"] and "tokenizer" in stop["error"]
