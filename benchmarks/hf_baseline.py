@@ -14,8 +14,14 @@ def _model(cfg, dtype: str):
     torch.manual_seed(0)
     hf_cfg = GPT2Config(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, vocab_size=cfg.vocab_size,
                         n_positions=cfg.n_positions)
-    model = GPT2LMHeadModel(hf_cfg).eval()
+    model = GPT2LMHeadModel(hf_cfg).eval().to(_device())
     return model.to(torch.bfloat16) if dtype == "bfloat16" else model
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 _CACHE: dict = {}
@@ -40,6 +46,7 @@ def run(cfg, wl: Workload, dtype: str, batch: int) -> dict:
     for i in range(0, wl.count, batch):
         idx = order[i: i + batch]
         _generate(model, [prompts[j] for j in idx], max(wl.output_lens[j] for j in idx))
+    _sync()
     wall = time.perf_counter() - start
     return {"tok_s": sum(wl.output_lens) / wall, "wall_s": wall}
 
@@ -54,5 +61,12 @@ def _generate(model, prompts: list[list[int]], new_tokens: int):
         ids[row, width - len(p):] = torch.tensor(p)
         mask[row, width - len(p):] = 1
     with torch.inference_mode():
-        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+        return model.generate(input_ids=ids.to(_device()), attention_mask=mask.to(_device()), max_new_tokens=new_tokens,
                               min_new_tokens=new_tokens, do_sample=False, pad_token_id=50256)
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()

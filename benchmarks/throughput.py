@@ -76,7 +76,8 @@ def run_workload(args, wl: Workload, engine) -> dict:
            "tpot_p50_ms": percentile(eng["tpot"], 50), "tpot_p99_ms": percentile(eng["tpot"], 99),
            "output_tokens": eng["tokens"]}
     if not args.skip_hf:
-        hf = hf_baseline.run(engine.config, wl, args.dtype, args.hf_batch)
+        mixed = len(set(wl.prompt_lens)) > 1  # HF pads: mixed lengths run in batches of --hf-batch
+        hf = hf_baseline.run(engine.config, wl, args.dtype, args.hf_batch if mixed else wl.count)
         row.update(hf_tok_s=hf["tok_s"], hf_wall_s=hf["wall_s"], ratio=eng["tok_s"] / hf["tok_s"])
     return row
 

@@ -1,0 +1,294 @@
+"""`python -m launch.serve --model M [--host 127.0.0.1] [--port 8000] [...]`: an OpenAI-compatible server.
+
+Endpoints: `POST /v1/completions` (JSON or SSE stream), `GET /v1/models`, `GET /health`, `GET /metrics`
+(Prometheus text). Engine flags map 1:1 onto `EngineConfig` fields. The engine runs on one background
+thread (`engine.async_engine.AsyncEngine`); FastAPI handlers only submit requests and relay deltas.
+
+Invariants:
+- Binds to 127.0.0.1 unless --host says otherwise.
+- A rejected request gets OpenAI's error object: 400 naming the field, 404 for an unknown model, 429 with
+  `Retry-After` when more than --max-waiting requests would wait for a slot, 503 once the engine stopped.
+- A client that disconnects (streaming or not) has its requests aborted; their slots free at once.
+- A stream is `data: {chunk}\\n\\n` events ending with `data: [DONE]\\n\\n`, also after an error event.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
+
+from engine.async_engine import AsyncEngine, Delta, EngineClosedError, QueueFullError, RequestStream
+from engine.config import DTYPES, EngineConfig
+from engine.requests import Completion
+from launch.openai_api import (ApiError, CompletionRequest, bad, bad_field, completion_body, logprobs_payload,
+                               new_completion_id, parse_completion_request, stream_chunk, usage)
+from launch.server_metrics import CONTENT_TYPE, ServerMetrics
+
+log = logging.getLogger("launch.serve")
+ENGINE_FLAGS = ("max_slots", "max_seq_len", "decode_steps", "prefill_buckets", "prefill_token_budget", "mesh",
+                "seed")
+
+
+@dataclasses.dataclass
+class Server:
+    """What the routes share."""
+
+    engine: AsyncEngine
+    model: str
+    metrics: ServerMetrics
+    started: int
+
+    @property
+    def tokenizer(self):
+        return self.engine.engine.tokenizer
+
+    def error(self, e: ApiError, headers: dict | None = None) -> JSONResponse:
+        self.metrics.count(e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+def create_app(engine: AsyncEngine, model: str, device: str | None = None) -> FastAPI:
+    """The FastAPI app over a running AsyncEngine; the app's shutdown shuts the engine down. `device` (e.g.
+    "cpu x8") is shown on the model card, so benchmarks can record what served them."""
+    server = Server(engine, model, ServerMetrics(engine), int(time.time()))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        await engine.shutdown()
+
+    app = FastAPI(title="gpt2-jax-engine", lifespan=lifespan)
+    app.state.server = server
+
+    @app.exception_handler(Exception)
+    async def internal_error(_request: Request, exc: Exception) -> JSONResponse:
+        log.error("request failed: %r", exc)
+        return server.error(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", None, "server_error"))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await _completions(server, request)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        card = {"id": server.model, "object": "model", "created": server.started, "owned_by": "gpt2-jax-engine",
+                "max_model_len": engine.engine.max_seq_len, "device": device}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ok = engine.running
+        return JSONResponse({"status": "ok" if ok else "engine stopped"}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(server.metrics.render(), media_type=CONTENT_TYPE)
+
+    return app
+
+
+async def _completions(server: Server, request: Request) -> Response:
+    try:
+        req = parse_completion_request(await _json_body(request))
+        if req.model is not None and req.model != server.model:
+            raise ApiError(404, f"model: {req.model!r} is not served here; this server serves {server.model!r}",
+                           "model", code="model_not_found")
+        handle = server.engine.submit(req.prompts, req.params)
+    except ApiError as e:
+        return server.error(e)
+    except ValueError as e:
+        return server.error(bad_field(str(e)))
+    except QueueFullError as e:
+        retry = str(max(1, math.ceil(e.retry_after_s)))
+        return server.error(ApiError(429, str(e), None, "rate_limit_error", "queue_full"), {"Retry-After": retry})
+    except EngineClosedError as e:
+        return server.error(ApiError(503, str(e), None, "server_error", "engine_stopped"))
+    cid = new_completion_id()
+    if req.stream:
+        outcome = {"status": 499}  # set by the stream when it ends; still 499 if the client left first
+
+        async def finish() -> None:  # runs after the response, also after a disconnect cancelled the stream
+            handle.abort()
+            server.metrics.count(outcome["status"])
+
+        return StreamingResponse(_sse(server, cid, req, handle, outcome), media_type="text/event-stream",
+                                 background=BackgroundTask(finish))
+    try:
+        done = await _collect_unless_disconnected(server, handle, request)
+    except EngineClosedError as e:
+        return server.error(ApiError(503, str(e), None, "server_error", "engine_stopped"))
+    if done is None:
+        server.metrics.count(499)
+        return Response(status_code=499)
+    server.metrics.count(200)
+    return JSONResponse(completion_body(cid, server.model, done, req.params.n, server.tokenizer))
+
+
+async def _json_body(request: Request) -> object:
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise bad(None, f"the request body is not valid JSON ({e})") from None
+
+
+async def _collect_unless_disconnected(server: Server, handle: RequestStream,
+                                       request: Request) -> dict[int, Completion] | None:
+    """Every choice's Completion, or None when the client went away first (its requests are aborted)."""
+    async def collect() -> dict[int, Completion]:
+        done = {}
+        async for delta in handle:
+            if delta.completion is not None:
+                done[delta.index] = delta.completion
+                server.metrics.observe(delta.timing)
+        return done
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    work, gone = asyncio.ensure_future(collect()), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():  # the client left (or this handler was cancelled): stop generating
+            work.cancel()
+            handle.abort()
+    return work.result() if work.done() else None
+
+
+async def _sse(server: Server, cid: str, req: CompletionRequest, handle: RequestStream,
+               outcome: dict) -> AsyncIterator[str]:
+    """The event stream; a disconnect cancels it (the response's background task aborts what is left)."""
+    offsets, finished = {}, {}
+    try:
+        async for delta in handle:
+            choice = _stream_choice(server, delta, offsets)
+            if delta.completion is not None:
+                finished[delta.index] = delta.completion
+                server.metrics.observe(delta.timing)
+            if choice is not None:
+                yield _event(stream_chunk(cid, server.model, [choice]))
+        if req.include_usage:
+            done = [finished[i] for i in sorted(finished)]
+            prompt_tokens = sum(len(c.prompt_token_ids) for c in done[:: req.params.n])
+            tally = usage(prompt_tokens, sum(len(c.token_ids) for c in done))
+            yield _event(stream_chunk(cid, server.model, [], tally))
+        outcome["status"] = 200
+    except EngineClosedError as e:
+        outcome["status"] = 503
+        yield _event(ApiError(503, str(e), None, "server_error", "engine_stopped").body())
+    finally:
+        handle.abort()  # at once when cancelled mid-await
+    yield "data: [DONE]\n\n"
+
+
+def _stream_choice(server: Server, delta: Delta, offsets: dict[int, int]) -> dict | None:
+    """One choice of a chunk, or None when the delta carries no token (a chunk per step, even when its
+    text is held back: clients see every token's arrival)."""
+    if not delta.text and delta.finish_reason is None and not delta.token_ids:
+        return None
+    logprobs = None
+    if delta.logprobs is not None:
+        logprobs = logprobs_payload(delta.logprobs, server.tokenizer, offsets.get(delta.index, 0))
+        offsets[delta.index] = offsets.get(delta.index, 0) + sum(len(t) for t in logprobs["tokens"])
+    return {"index": delta.index, "text": delta.text, "logprobs": logprobs, "finish_reason": delta.finish_reason}
+
+
+def _event(payload: dict) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+# -- command line ----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m launch.serve", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="hub id or local folder of an HF GPT-2 checkpoint "
+                                                  "(or a preset name with --load-format dummy)")
+    p.add_argument("--served-model-name", help="the name clients pass as `model`; unset: the --model value")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind; 0.0.0.0 exposes the server")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-waiting", type=int, default=256,
+                   help="requests allowed to wait for a slot; beyond that the server answers 429")
+    p.add_argument("--tokenizer", help="tokenizer folder/file or hub id (default: the model's own)")
+    p.add_argument("--load-format", default="auto",
+                   help="as Engine.from_pretrained: auto, safetensors, dummy (random weights of the model's shape)")
+    p.add_argument("--no-warmup", dest="warmup", action="store_false",
+                   help="skip compiling every program before serving (the first requests compile instead)")
+    e = p.add_argument_group("engine (EngineConfig fields; default: EngineConfig's)")
+    e.add_argument("--dtype", choices=DTYPES, default=EngineConfig.dtype)
+    e.add_argument("--max-slots", type=int, help="requests decoded together (cache slots)")
+    e.add_argument("--max-seq-len", type=int, help="context positions per slot (prompt + output)")
+    e.add_argument("--decode-steps", type=int, help="tokens per decode call")
+    e.add_argument("--prefill-buckets", type=_int_tuple, help="comma-separated padded prompt lengths")
+    e.add_argument("--prefill-token-budget", type=int, help="tokens per prefill call")
+    e.add_argument("--mesh", help="device mesh, e.g. data=2,model=4")
+    e.add_argument("--seed", type=int, help="engine seed for requests without their own")
+    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    return p
+
+
+def _int_tuple(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints such as 32,128, got {text!r}") from None
+
+
+def engine_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
+    """EngineConfig keyword arguments from the flags; a bad value is a usage error naming the field."""
+    options = {"dtype": args.dtype, **{n: getattr(args, n) for n in ENGINE_FLAGS if getattr(args, n) is not None}}
+    try:
+        EngineConfig(**options)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.max_waiting < 0:
+        parser.error(f"--max-waiting: expected an int >= 0, got {args.max_waiting}")
+    return options
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    options = engine_options(args, parser)
+    import uvicorn
+
+    from engine.engine import Engine  # imports JAX: after the cheap checks
+
+    started = time.perf_counter()
+    try:
+        engine = Engine.from_pretrained(args.model, tokenizer=args.tokenizer, load_format=args.load_format,
+                                        **options)
+    except Exception as e:  # any failure to load ends the server before it binds: one message
+        log.debug("model load failed", exc_info=True)
+        log.error("cannot load model %r: %s", args.model, e)
+        return 1
+    if args.warmup:
+        engine.warmup()
+    import jax
+
+    device = f"{jax.devices()[0].device_kind} x{jax.device_count()}"
+    log.info("engine ready in %.1f s; serving %s on http://%s:%d", time.perf_counter() - started,
+             args.served_model_name or args.model, args.host, args.port)
+    app = create_app(AsyncEngine(engine, max_waiting=args.max_waiting), args.served_model_name or args.model, device)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=5)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
