@@ -16,6 +16,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from engine import processors
 from engine.processors import process_logits, sample, top_logprobs
 from engine.sampling import SamplingParams, SlotParams, broadcast_params, seed_key_data, slot_params
 
@@ -202,6 +203,89 @@ def test_composed_chain_matches_hf_order():
         SamplingParams(top_k=1, top_p=0.5),
     ]
     assert_same_scores(run(logits, params, ids), hf_chain(logits, ids, params))
+
+
+CAP = processors._CANDIDATES  # the fast path looks for cutoffs among this many largest scores per row
+
+
+def test_fast_path_on_peaked_rows_matches_hf():
+    vocab = 4096
+    logits, ids = random_logits(6, vocab, seed=10, scale=6.0), history(6, vocab)
+    params = [SamplingParams(top_k=k, top_p=p, min_p=m)
+              for k, p, m in [(1, 1.0, 0), (5, 1.0, 0), (40, 0.9, 0), (0, 0.5, 0), (0, 0.9, 0.01), (CAP, 0.95, 0)]]
+    ours = run(logits, params, ids)
+    assert_same_scores(ours, hf_chain(logits, ids, params))
+    kept = np.isfinite(ours).sum(1)
+    assert kept.max() < CAP and kept[:2].tolist() == [1, 5] and len(set(kept)) > 3  # cutoffs within the cap
+
+
+def test_cutoffs_beyond_the_candidates_match_hf():
+    vocab = 2000
+    logits, ids = random_logits(8, vocab, seed=11, scale=0.3), history(8, vocab)  # flat: no cutoff within CAP
+    params = [SamplingParams(top_k=1000), SamplingParams(top_k=vocab - PAD - 1), SamplingParams(top_p=0.999),
+              SamplingParams(top_p=0.5, temperature=0.7), SamplingParams(top_k=1500, top_p=0.9, min_p=0.5),
+              SamplingParams(top_k=3), SamplingParams(temperature=0.0, top_k=1000), SamplingParams()]
+    ours = run(logits, params, ids)
+    assert_same_scores(ours, hf_chain(logits, ids, params))
+    kept = np.isfinite(ours).sum(1)
+    assert kept[:4].min() > CAP and kept[[0, 1, 5]].tolist() == [1000, vocab - PAD - 1, 3]  # (row 4: min-p)
+    np.testing.assert_array_equal(ours[6:], logits[6:])  # greedy and default rows are untouched
+
+
+def test_top_k_ties_beyond_the_candidates_match_hf():
+    vocab = 2000
+    logits = np.random.default_rng(12).integers(0, 5, (4, vocab)).astype(np.float32)  # ~400 copies per value
+    logits[:, vocab - PAD:] = -np.inf
+    ks = [10, CAP, CAP + 1, 500]
+    ours = run(logits, [SamplingParams(top_k=k) for k in ks])
+    assert_same_scores(ours, hf_rows(logits, TopKLogitsWarper, ks))
+    top_ties = (logits == 4).sum(1)
+    assert top_ties.min() > CAP  # the k-th value's ties run past the candidates
+    np.testing.assert_array_equal(np.isfinite(ours).sum(1), [*top_ties[:3], (logits[3] >= 3).sum()])
+
+
+def test_top_p_keeps_or_drops_whole_tie_groups():
+    """HF's choice inside a tie group depends on its sort; ours keeps a group iff the mass above it < top_p."""
+    vocab = 2000
+    logits = np.random.default_rng(13).integers(0, 5, (3, vocab)).astype(np.float32)
+    logits[:, vocab - PAD:] = -np.inf
+    top_ps = [0.3, 0.5, 0.7]  # fast path (the top CAP hold ~0.4), then the bisection twice
+    ours = run(logits, [SamplingParams(top_p=p) for p in top_ps])
+    for row, kept, top_p in zip(logits, np.isfinite(ours), top_ps):
+        probs = np.exp(row.astype(np.float64) - 4)
+        probs /= probs.sum()
+        above = np.array([probs[row > v].sum() for v in range(5)])
+        assert np.abs(above - top_p).min() > 0.01  # far from the boundary: rounding cannot decide
+        expected = np.isin(row, [v for v in range(5) if above[v] < top_p])
+        np.testing.assert_array_equal(kept, expected)
+
+
+def test_bisection_agrees_with_the_fast_path(monkeypatch):
+    vocab = 1000
+    logits, ids = random_logits(6, vocab, seed=14, scale=4.0), history(6, vocab)
+    params = [SamplingParams(top_k=30), SamplingParams(top_p=0.8), SamplingParams(top_k=200, top_p=0.95),
+              SamplingParams(top_p=0.6, min_p=0.02, temperature=1.5), SamplingParams(top_k=1), SamplingParams()]
+    fast = run(logits, params, ids)
+    monkeypatch.setattr(processors, "_CANDIDATES", 1)  # every cutoff but top_k=1 now lies beyond the cap
+    seen, counts = seen_counts(ids, vocab)
+    deep = np.asarray(jax.jit(lambda *a: process_logits(*a))(logits, slot_params(params), seen, counts))
+    np.testing.assert_array_equal(deep, fast)
+    assert_same_scores(fast, hf_chain(logits, ids, params))
+
+
+def test_order_keys_and_kth_largest_match_numpy():
+    big = np.finfo(np.float32).max
+    values = np.array([-np.inf, -big, -3.5, -1e-30, -0.0, 0.0, 1e-30, 2.0, 2.0, big, np.inf], np.float32)
+    keys = np.asarray(processors._order_key(values)).astype(np.int64)
+    assert (np.diff(keys) >= 0).all() and (np.diff(keys)[np.diff(values) > 0] > 0).all()
+    assert keys[4] == keys[5]  # -0.0 == 0.0
+    np.testing.assert_array_equal(processors._from_key(keys.astype(np.uint32)), values)
+    rows = np.random.default_rng(15).normal(0, 2, (4, 300)).round(1).astype(np.float32)  # many ties
+    rows[1, :50] = -np.inf
+    rows[2] = -rows[2]
+    ks = np.array([1, 7, 280, 300], np.int32)
+    expected = -np.sort(-rows, axis=1)[np.arange(4), ks - 1]
+    np.testing.assert_array_equal(jax.jit(processors._kth_largest)(rows, ks), expected)
 
 
 def test_defaults_leave_logits_unchanged():
