@@ -36,10 +36,15 @@ class SchedulerConfig:
     prefill_batch_sizes: dict[int, tuple[int, ...]]
     decode_windows: tuple[int, ...]
     eos_token_id: int | None = None
+    # Compiled decode widths: a call runs slots [0, n) for the smallest n here above the highest live
+    # slot (empty: always max_slots). Admission fills the lowest free slot, so live slots stay low.
+    decode_slot_counts: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prefill_buckets", tuple(self.prefill_buckets))
         object.__setattr__(self, "decode_windows", tuple(self.decode_windows))
+        counts = tuple(sorted(set(self.decode_slot_counts) | {self.max_slots}))
+        object.__setattr__(self, "decode_slot_counts", counts)
         sizes = {b: tuple(s) for b, s in dict(self.prefill_batch_sizes).items()}
         object.__setattr__(self, "prefill_batch_sizes", sizes)
         for field, problem in _config_problems(self):
@@ -77,6 +82,8 @@ def _config_problems(c: SchedulerConfig) -> list[tuple[str, str]]:
           f"a strictly increasing tuple of ints >= 1 for every bucket (missing buckets: {missing})")
     windows_ok = _ascending(c.decode_windows, 1, c.max_seq_len) and c.decode_windows[-1] == c.max_seq_len
     check("decode_windows", windows_ok, f"strictly increasing ints ending with max_seq_len={c.max_seq_len}")
+    check("decode_slot_counts", _ascending(c.decode_slot_counts, 1, c.max_slots),
+          f"ints in [1, max_slots={c.max_slots}]")
     check("eos_token_id", c.eos_token_id is None or (_is_int(c.eos_token_id) and c.eos_token_id >= 0),
           "None or an int >= 0")
     return out
@@ -116,6 +123,7 @@ class PrefillBatch:
 class DecodeBatch:
     window: int  # attention window: covers every decoded slot's cache length + decode_steps (capped)
     slots: tuple[int, ...]  # prefilled live slots, ascending
+    num_slots: int = 0  # the call decodes slots [0, num_slots): one of decode_slot_counts, > max(slots)
 
 
 @dataclasses.dataclass
@@ -246,7 +254,9 @@ class Scheduler:
         windows = self.config.decode_windows
         window = windows[min(bisect.bisect_left(windows, need), len(windows) - 1)]
         self._in_flight = rows
-        return DecodeBatch(window, tuple(slot for slot, _ in rows))
+        counts = self.config.decode_slot_counts
+        width = counts[bisect.bisect_right(counts, rows[-1][0])]
+        return DecodeBatch(window, tuple(slot for slot, _ in rows), width)
 
     def on_decode_tokens(self, tokens: Sequence[Sequence[int]],
                          extras: Sequence[Sequence] | None = None) -> list[Update]:

@@ -162,7 +162,7 @@ def test_decode_window_covers_longest_cache_plus_k():
     sched.add(make_request("a", prompt_len=4))
     prefill_all(sched)
     dec = sched.schedule_decode()  # cache 4, needs 4 + 3 = 7
-    assert dec == DecodeBatch(window=8, slots=(0,))
+    assert dec == DecodeBatch(window=8, slots=(0,), num_slots=2)
     sched.on_decode_tokens([[7, 7]] * 3)
     assert sched.cache_len(sched.request_at(0)) == 7
     dec = sched.schedule_decode()  # cache 7, needs 10
@@ -170,7 +170,7 @@ def test_decode_window_covers_longest_cache_plus_k():
     sched.on_decode_tokens([[7, 7]] * 3)
     sched.add(make_request("b", prompt_len=16))
     prefill_all(sched)
-    assert sched.schedule_decode() == DecodeBatch(window=32, slots=(0, 1))  # cache 16 + 3 = 19
+    assert sched.schedule_decode() == DecodeBatch(window=32, slots=(0, 1), num_slots=2)  # cache 16 + 3 = 19
 
 
 def test_decode_window_is_capped_at_the_largest():
@@ -445,3 +445,24 @@ def test_scheduler_imports_only_the_standard_library_and_sampling():
     names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert names <= {"__future__", "bisect", "dataclasses", "collections", "collections.abc", "engine.sampling"}
+
+
+def test_decode_width_is_the_smallest_slot_count_above_the_highest_live_slot():
+    sched = Scheduler(make_config(max_slots=8, decode_slot_counts=(1, 4)))
+    assert sched.config.decode_slot_counts == (1, 4, 8)
+    sched.add(make_request("a"))
+    prefill_all(sched)
+    assert sched.schedule_decode().num_slots == 1
+    sched.on_decode_tokens([[7] * 8] * sched.config.decode_steps)
+    for i in range(4):
+        sched.add(make_request(f"b{i}"))
+    prefill_all(sched)
+    assert sched.schedule_decode().num_slots == 8  # slots 0..4 live
+    sched.on_decode_tokens([[7] * 8] * sched.config.decode_steps)
+    sched.abort("b3")
+    assert sched.schedule_decode().num_slots == 4  # slots 0..3 live
+
+
+def test_decode_slot_counts_are_validated():
+    with pytest.raises(ValueError, match="decode_slot_counts"):
+        make_config(max_slots=4, decode_slot_counts=(0, 2))
