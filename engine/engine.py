@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,19 +26,26 @@ from engine.requests import Completion, RequestFactory, completion_of
 from engine.runner import Runner
 from engine.sampling import SamplingParams, broadcast_params
 from engine.scheduler import Request, Scheduler, SchedulerConfig, Update
+from engine.sharding import check_mesh, describe, make_mesh, param_sharding_fn
 from engine.steps import StepRunner
 from engine.tokenizer import Tokenizer
-from weights import hf
+from weights import checkpoint, hf
 from weights.loader import init_dummy, load_safetensors
 
-LOAD_FORMATS = ("auto", "safetensors", "dummy")
+LOAD_FORMATS = ("auto", "safetensors", "orbax", "dummy")
 
 
 class Engine:
-    def __init__(self, cfg: GPT2Config, graphdef, params, ecfg: EngineConfig, tokenizer: Tokenizer | None):
+    def __init__(self, cfg: GPT2Config, graphdef, params, ecfg: EngineConfig, tokenizer: Tokenizer | None,
+                 mesh: jax.sharding.Mesh | None = None):
+        """`params` must already be placed on `mesh` (default: `ecfg.mesh`, else the first device)."""
+        # The checkpoint's positions bound the context: buckets and decode windows must fit inside it.
+        ecfg = dataclasses.replace(ecfg, max_seq_len=min(ecfg.max_seq_len, cfg.n_positions))
         self.config, self.engine_config, self.tokenizer = cfg, ecfg, tokenizer
+        self.mesh = make_mesh(mesh if mesh is not None else ecfg.mesh)
+        check_mesh(self.mesh, cfg, ecfg.max_slots)
         dtype = jnp.dtype(ecfg.dtype)
-        self.runner = Runner(graphdef, params, cfg, ecfg, dtype)
+        self.runner = Runner(graphdef, params, cfg, ecfg, dtype, mesh=self.mesh)
         self.max_seq_len = self.runner.max_len
         self.scheduler = Scheduler(self._scheduler_config())
         self.requests = RequestFactory(cfg, tokenizer, self.max_seq_len, ecfg.seed)
@@ -47,22 +54,27 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike, *, tokenizer=None, dtype: str = "float32",
-                        load_format: str = "auto", **engine_options) -> Engine:
-        """Load a GPT-2 checkpoint (local folder or hub id), or random weights with load_format="dummy"."""
+                        load_format: str = "auto", mesh: str | jax.sharding.Mesh | None = None,
+                        **engine_options) -> Engine:
+        """Load a GPT-2 checkpoint (HF folder or hub id, or a `weights.convert` orbax folder), or random
+        weights with load_format="dummy". `mesh` ("data=D,model=M" or a Mesh over ("data", "model"); default
+        the first device) is checked against the model before any weight is read; each parameter is then
+        read straight into its shard."""
         if load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format: expected one of {LOAD_FORMATS}, got {load_format!r}")
-        ecfg = EngineConfig(dtype=dtype, **engine_options)
-        jdtype = jnp.dtype(ecfg.dtype)
+        jmesh = make_mesh(mesh)
+        ecfg = EngineConfig(dtype=dtype, mesh=None if mesh is None else describe(jmesh), **engine_options)
+        folder, cfg, load_format = _locate(model, load_format)
+        check_mesh(jmesh, cfg, ecfg.max_slots)
+        jdtype, sharding_fn = jnp.dtype(ecfg.dtype), param_sharding_fn(jmesh)
         if load_format == "dummy":
-            folder = hf.Path(model) if hf.Path(model).is_dir() else None
-            cfg = hf.read_config(folder) if folder else preset(str(model))
-            graphdef, params = init_dummy(cfg, jdtype)
+            graphdef, params = init_dummy(cfg, jdtype, sharding_fn=sharding_fn)
+        elif load_format == "orbax":
+            graphdef, params = checkpoint.restore(folder, cfg, jdtype, sharding_fn)
         else:
-            folder = hf.resolve(model)
-            cfg = hf.read_config(folder)
-            graphdef, params = load_safetensors(hf.weight_files(folder), cfg, jdtype)
+            graphdef, params = load_safetensors(hf.weight_files(folder), cfg, jdtype, sharding_fn)
         tok = _load_tokenizer(tokenizer, folder)
-        return cls(cfg, graphdef, params, ecfg, tok)
+        return cls(cfg, graphdef, params, ecfg, tok, mesh=jmesh)
 
     def _scheduler_config(self) -> SchedulerConfig:
         ecfg = self.engine_config
@@ -119,9 +131,25 @@ class Engine:
     def add_request(self, req: Request) -> None:
         self.scheduler.add(req)
 
-    def step(self) -> list[Update]:
-        """One scheduling round: prefill admitted requests, then decode every live slot k steps."""
-        return self._steps.step()
+    def step(self, on_prefill: Callable[[list[Update]], None] | None = None) -> list[Update]:
+        """One scheduling round: prefill admitted requests, then decode every live slot k steps (with
+        `on_prefill`, the prefill updates go to it before the decode call instead of being returned)."""
+        return self._steps.step(on_prefill)
+
+
+def _locate(model, load_format: str) -> tuple[hf.Path | None, GPT2Config, str]:
+    """(folder or None, config, concrete format) of a model argument; "auto" picks orbax or safetensors."""
+    if load_format == "dummy":
+        folder = hf.Path(model) if hf.Path(model).is_dir() else None
+        return folder, hf.read_config(folder) if folder else preset(str(model)), load_format
+    folder = hf.resolve(model)
+    cfg = hf.read_config(folder)
+    if load_format == "auto":
+        load_format = "orbax" if checkpoint.is_orbax(folder) else "safetensors"
+    if load_format == "orbax" and not checkpoint.is_orbax(folder):
+        raise hf.CheckpointError(f"{folder}: no {checkpoint.ORBAX_DIR}/ folder; write one with "
+                                 f"`python -m weights.convert MODEL {folder}`")
+    return folder, cfg, load_format
 
 
 def _as_prompt_list(prompts) -> list:

@@ -87,7 +87,10 @@ class QKV(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((3, cfg.n_head, cfg.head_dim), dtype))
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        qkv = jnp.einsum("btd,dchk->cbhtk", x, self.weight[...]) + self.bias[...][:, None, :, None, :]
+        # A plain GEMM ([B*T, D] x [D, C*H*K]); moving C and H to the front afterwards is cheap, while asking
+        # the dot itself for a transposed output makes XLA:CPU several times slower.
+        qkv = jnp.einsum("btd,dchk->btchk", x, self.weight[...]) + self.bias[...]
+        qkv = qkv.transpose(2, 0, 3, 1, 4)
         return qkv[0], qkv[1], qkv[2]
 
 
@@ -99,16 +102,17 @@ class OutProj(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((cfg.n_embd,), dtype))
 
     def __call__(self, o: jax.Array) -> jax.Array:
-        return jnp.einsum("bhtk,hkd->btd", o, self.weight[...]) + self.bias[...]
+        """o [B, T, H, K] -> [B, T, D]."""
+        return jnp.einsum("bthk,hkd->btd", o, self.weight[...]) + self.bias[...]
 
 
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
-    """q [B,H,T,K], k/v [B,H,W,K], q_pos [B,T], k_pos [B,W] -> [B,H,T,K]; key visible iff k_pos <= q_pos."""
+    """q [B,H,T,K], k/v [B,H,W,K], q_pos [B,T], k_pos [B,W] -> [B,T,H,K]; key visible iff k_pos <= q_pos."""
     scores = jnp.einsum("bhtk,bhwk->bhtw", q, k, preferred_element_type=jnp.float32)
     scores = scores * (1.0 / jnp.sqrt(jnp.float32(q.shape[-1])))
     visible = k_pos[:, None, None, :] <= q_pos[:, None, :, None]
     probs = jax.nn.softmax(jnp.where(visible, scores, _NEG), axis=-1)
-    return jnp.einsum("bhtw,bhwk->bhtk", probs.astype(v.dtype), v)
+    return jnp.einsum("bhtw,bhwk->bhtk", probs.astype(v.dtype), v).transpose(0, 2, 1, 3)
 
 
 class Attention(nnx.Module):

@@ -20,9 +20,10 @@ import numpy as np
 from flax import nnx
 
 from engine.config import EngineConfig, GPT2Config
-from engine.kv_cache import KVCache
+from engine.kv_cache import CACHE_AXES, KVCache
 from engine.processors import process_logits, sample, top_logprobs
 from engine.sampling import MAX_LOGPROBS, SamplingParams, SlotParams, slot_params
+from engine.sharding import make_mesh, named_sharding, partition_spec, per_shard, replicated, tree_shardings
 
 
 @jax.tree_util.register_dataclass
@@ -36,6 +37,16 @@ class DecodeState:
     wants_logprobs: jax.Array  # bool[S]
     seen: jax.Array  # bool[S,V] prompt + generated tokens (repetition penalty)
     counts: jax.Array  # i32[S,V] generated-token counts (presence / frequency penalties)
+
+
+def state_axes() -> DecodeState:
+    """Logical axes of every DecodeState array (engine.sharding.RULES maps them onto the mesh): slots on
+    `data`; seen/counts keep the whole vocab per row because sampling reads whole rows."""
+    slot = ("slots",)
+    return DecodeState(
+        cache=KVCache(CACHE_AXES, CACHE_AXES, slot), tokens=slot, steps=slot, keys=("slots", "key_data"),
+        params=SlotParams(*(slot for _ in SlotParams._fields)), wants_logprobs=slot,
+        seen=("slots", "sampled_vocab"), counts=("slots", "sampled_vocab"))
 
 
 class Sampled(NamedTuple):
@@ -82,28 +93,55 @@ def _sample_step(logits, params: SlotParams, seen, counts, keys, steps, wants_lo
 
 
 def _mark(seen, counts, tokens):
-    rows = jnp.arange(tokens.shape[0])
-    return seen.at[rows, tokens].set(True), counts.at[rows, tokens].add(1)
+    # A one-hot compare, not a scatter: elementwise, so with slots sharded over `data` every device updates
+    # its own rows with no collective (a scatter all-reduced [S/data, V] per step); the penalties already
+    # read these S x V arrays every step.
+    hit = jnp.arange(seen.shape[1])[None, :] == tokens[:, None]
+    return seen | hit, counts + hit.astype(counts.dtype)
 
 
 class Runner:
     """Owns the model state and the decode state; runs the compiled programs."""
 
     def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, cfg: GPT2Config, ecfg: EngineConfig,
-                 cache_dtype, cache_shardings=None):
+                 cache_dtype, mesh: jax.sharding.Mesh | None = None):
+        """`params` must already be placed on `mesh` (default None: 1x1 on the first device)."""
         self.graphdef, self.params, self.cfg, self.ecfg = graphdef, params, cfg, ecfg
+        self.mesh = make_mesh(mesh)
         self.max_len = min(ecfg.max_seq_len, cfg.n_positions)
         self.trace_count = 0  # incremented whenever a program is traced: the no-recompile check reads it
-        self.state = self._initial_state(cache_dtype, cache_shardings)
-        self._prefill = jax.jit(self._prefill_impl, donate_argnums=(1,))
-        self._decode = jax.jit(self._decode_impl, donate_argnums=(1,), static_argnums=(2,))
+        # Fixed output shardings: the donated state comes back laid out as it went in (never resharded per
+        # call); sampled ids come back replicated, so every process can read them.
+        self.state_shardings = tree_shardings(self.mesh, state_axes())
+        outs = (self.state_shardings, replicated(self.mesh))
+        self.state = self._initial_state(cache_dtype)
+        self._prefill = jax.jit(self._prefill_impl, donate_argnums=(1,), out_shardings=outs)
+        self._decode = jax.jit(self._decode_impl, donate_argnums=(1,), static_argnums=(2,), out_shardings=outs)
 
-    def _initial_state(self, cache_dtype, cache_shardings) -> DecodeState:
+    def _initial_state(self, cache_dtype) -> DecodeState:
         s, v = self.ecfg.max_slots, self.cfg.padded_vocab_size
-        cache = KVCache.create(self.cfg, s, self.max_len, cache_dtype, cache_shardings)
-        params = SlotParams(*(jnp.asarray(a) for a in neutral_params(s)))
-        return DecodeState(cache, jnp.zeros(s, jnp.int32), jnp.zeros(s, jnp.int32), jnp.zeros((s, 2), jnp.uint32),
-                           params, jnp.zeros(s, bool), jnp.zeros((s, v), bool), jnp.zeros((s, v), jnp.int32))
+        shardings = self.state_shardings
+        cache = KVCache.create(self.cfg, s, self.max_len, cache_dtype, (shardings.cache.k, shardings.cache.lengths))
+
+        def rest() -> DecodeState:
+            params = SlotParams(*(jnp.asarray(a) for a in neutral_params(s)))
+            return DecodeState(None, jnp.zeros(s, jnp.int32), jnp.zeros(s, jnp.int32), jnp.zeros((s, 2), jnp.uint32),
+                               params, jnp.zeros(s, bool), jnp.zeros((s, v), bool), jnp.zeros((s, v), jnp.int32))
+
+        state = jax.jit(rest, out_shardings=dataclasses.replace(shardings, cache=None))()
+        return dataclasses.replace(state, cache=cache)
+
+    def _full_vocab(self, logits: jax.Array, rows_axis: str) -> jax.Array:
+        """Sampling sorts, top-k's and argmaxes whole rows: gather the vocab-sharded logits (exact)."""
+        return jax.lax.with_sharding_constraint(logits, named_sharding(self.mesh, (rows_axis, "sampled_vocab")))
+
+    def _sample_slots(self, *slot_arrays) -> Sampled:
+        """Decode sampling per `data` shard: rows are independent, so each device group samples its own
+        slots with no collective (XLA would otherwise all-gather [S, V] rows for top_k)."""
+        if self.mesh.shape["data"] == 1:
+            return _sample_step(*slot_arrays)
+        rows = partition_spec(("slots",))  # a prefix: dim 0 on `data`, the rest whole
+        return per_shard(_sample_step, self.mesh, (rows,) * len(slot_arrays), rows)(*slot_arrays)
 
     def _model(self, params: nnx.State):
         return nnx.merge(self.graphdef, params)
@@ -115,6 +153,7 @@ class Runner:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         logits, cache = self._model(params)(rows.tokens, positions, state.cache, slots=rows.slots,
                                             select=jnp.maximum(rows.lengths - 1, 0))
+        logits = self._full_vocab(logits, "rows")
         # The prompt's tokens count as seen (repetition penalty); padding positions point past V: dropped.
         in_prompt = positions < rows.lengths[:, None]
         seen = jnp.zeros((b, v), bool).at[jnp.arange(b)[:, None], jnp.where(in_prompt, rows.tokens, v)].set(
@@ -142,7 +181,8 @@ class Runner:
             positions = jnp.minimum(st.cache.lengths, last)[:, None]
             logits, cache = model(st.tokens[:, None], positions, st.cache, window=window,
                                   select=jnp.zeros(st.tokens.shape[0], jnp.int32))
-            out = _sample_step(logits, st.params, st.seen, st.counts, st.keys, st.steps, st.wants_logprobs)
+            logits = self._full_vocab(logits, "slots")
+            out = self._sample_slots(logits, st.params, st.seen, st.counts, st.keys, st.steps, st.wants_logprobs)
             seen, counts = _mark(st.seen, st.counts, out.tokens)
             cache = dataclasses.replace(cache, lengths=jnp.minimum(cache.lengths + 1, self.max_len))
             st = dataclasses.replace(st, cache=cache, tokens=out.tokens, steps=st.steps + 1, seen=seen,

@@ -6,6 +6,8 @@ fetched from the device only when a request in the call asked for them).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from engine.requests import TokenLogprob
@@ -50,10 +52,16 @@ class StepRunner:
     def __init__(self, runner: Runner, scheduler: Scheduler):
         self.runner, self.scheduler = runner, scheduler
 
-    def step(self) -> list[Update]:
+    def step(self, on_prefill: Callable[[list[Update]], None] | None = None) -> list[Update]:
+        """Prefill admitted requests, then decode every live slot. `on_prefill` (streaming) gets the prefill
+        updates before the decode call runs, so first tokens arrive a decode call sooner; they are then not
+        returned."""
         updates = []
         for batch in self.scheduler.schedule_prefills():
             updates += self._prefill(batch)
+        if on_prefill is not None and updates:
+            on_prefill(updates)
+            updates = []
         decode = self.scheduler.schedule_decode()
         if decode is not None:
             updates += self._decode(decode.slots, decode.window)

@@ -3,10 +3,12 @@
 Every parameter is built with `jax.make_array_from_callback`: the callback reads only the slice a device
 needs (`safe_open(...).get_slice`), so no host ever holds a full copy per device. The layout changes of
 `engine.model` (c_attn [D,3D] -> [D,C,H,K], attn c_proj [D,D] -> [H,K,D], wte padded to V rows) are done
-per slice, never on the whole tensor.
+per slice, never on the whole tensor. Before any read, every file's size is checked against its header
+and every key and shape against the config: a bad checkpoint is one `CheckpointError`, never random weights.
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from engine.config import GPT2Config
 from engine.model import GPT2
 from weights.hf import CheckpointError, expected_keys, hf_shape, is_ignored, strip_prefix
 
+_MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
 ShardingFn = Callable[[str, tuple[int, ...]], jax.sharding.Sharding]
 
 
@@ -27,12 +30,14 @@ class _Source:
     """The open safetensors files of one checkpoint: (prefix-stripped) key -> (handle, stored key)."""
 
     def __init__(self, files: list[Path], cfg: GPT2Config):
-        self.handles, self.keys = [], {}
+        self.handles, self.keys, self.files = [], {}, files
         for path in files:
+            _check_complete(path)
             try:
                 handle = safe_open(str(path), framework="numpy")
             except (SafetensorError, OSError, ValueError) as e:
-                raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+                raise CheckpointError(f"{path}: not a readable safetensors file ({e}); expected the output of "
+                                      f"save_pretrained or safetensors' save_file") from None
             self.handles.append(handle)
             for key in handle.keys():
                 self.keys[strip_prefix(key)] = (handle, key, path)
@@ -43,10 +48,13 @@ class _Source:
         unexpected = sorted(k for k in self.keys if k not in expected and not is_ignored(k))
         if unexpected:
             raise CheckpointError(f"{self.keys[unexpected[0]][2]}: unexpected key {unexpected[0]!r} "
-                                  f"({len(unexpected)} unexpected in all); is this a GPT-2 checkpoint?")
+                                  f"({len(unexpected)} unexpected in all); expected only GPT-2 keys for "
+                                  f"n_layer={cfg.n_layer} (does config.json match the weights?)")
         missing = sorted(expected - set(self.keys))
         if missing:
-            raise CheckpointError(f"checkpoint is missing key {missing[0]!r} ({len(missing)} missing in all)")
+            names = ", ".join(str(p) for p in self.files)
+            raise CheckpointError(f"{names}: missing key {missing[0]!r} ({len(missing)} of the {len(expected)} "
+                                  f"keys expected for n_layer={cfg.n_layer} are missing)")
         for key, (handle, stored, path) in self.keys.items():
             if _IGNORED_SHAPELESS(key):
                 continue
@@ -61,6 +69,32 @@ class _Source:
             return np.asarray(handle.get_slice(stored)[index])
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path}: cannot read {stored!r} ({e}); is the file truncated?") from None
+
+
+def _check_complete(path: Path) -> None:
+    """Raise if the file is shorter than its header says (a cut download), naming the file."""
+    needed = _declared_size(path)
+    size = path.stat().st_size
+    if needed is not None and size < needed:
+        raise CheckpointError(f"{path}: truncated safetensors file: its header declares {needed} bytes, the "
+                              f"file has {size}; download or save it again")
+
+
+def _declared_size(path: Path) -> int | None:
+    """Bytes a safetensors file must have per its header, or None where it does not start like one (left
+    to safetensors to reject). Layout: u64 little-endian header size N, N bytes of JSON, tensor data."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            text = f.read(min(n, _MAX_HEADER))
+        if n > _MAX_HEADER or not text.startswith(b"{"):
+            return None
+        if len(text) < n:  # cut inside the header
+            return 8 + n
+        entries = [v for k, v in json.loads(text).items() if k != "__metadata__"]
+        return 8 + n + max((int(v["data_offsets"][1]) for v in entries), default=0)
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return None
 
 
 def _IGNORED_SHAPELESS(key: str) -> bool:
@@ -89,7 +123,7 @@ def _read_param(src: _Source, path: str, shape: tuple[int, ...], index: tuple[sl
     if path == "wte.weight":
         v0, v1 = _span(index[0], shape[0])
         real = src.read(path, (slice(v0, min(v1, cfg.vocab_size)), index[1])) if v0 < cfg.vocab_size else None
-        pad = np.zeros((v1 - max(v0, cfg.vocab_size), real.shape[1] if real is not None else
+        pad = np.zeros((max(0, v1 - max(v0, cfg.vocab_size)), real.shape[1] if real is not None else
                         len(range(*index[1].indices(shape[1])))), np.float32)
         return pad if real is None else np.concatenate([real, pad.astype(real.dtype)])
     return src.read(path, index)

@@ -1,0 +1,173 @@
+"""Sharding: the rules table, mesh parsing/validation, and sharded engines == the unsharded engine.
+
+Runs on 8 fake CPU devices (tests/conftest.py). The model is tiny (n_head=4) so that every mesh shape
+below is valid; each mesh compiles its own programs, so generation is kept to one short batch.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from engine import Engine, SamplingParams
+from engine.config import GPT2Config, preset
+from engine.model import param_axes
+from engine.sharding import RULES, check_mesh, make_mesh, parse_mesh, partition_spec
+
+TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "shared/data/gpt2-tokenizer"
+ENGINE_OPTS = dict(max_slots=8, max_seq_len=32, decode_steps=2, prefill_buckets=(16,))
+PROMPTS = ["Hello world", "The quick brown fox", "a b c d e f g", "JAX is"]
+GREEDY = SamplingParams(max_new_tokens=6, temperature=0.0, repetition_penalty=1.3)
+SAMPLED = SamplingParams(max_new_tokens=6, temperature=1.0, top_k=5, seed=7)
+# Logprobs for the last prompt only: with slots split over `data`, one shard computes them, the other not.
+LOGPROBS = [SamplingParams(max_new_tokens=3, temperature=0.0)] * 3 + [
+    SamplingParams(max_new_tokens=3, temperature=0.0, logprobs=3)]
+MESHES = [(2, 1), (1, 2), (2, 2), (2, 4), (8, 1)]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    if not TOKENIZER_DIR.is_dir():
+        pytest.skip(f"GPT-2 tokenizer files not found at {TOKENIZER_DIR}")
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("tiny_gpt2")
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64)).save_pretrained(folder)
+    for f in TOKENIZER_DIR.iterdir():
+        shutil.copy(f, folder / f.name)
+    return folder
+
+
+def run(engine: Engine) -> dict:
+    return {"logits": engine.logits(engine.tokenizer.encode("Hello there, how are you today?")),
+            "greedy": [c.token_ids for c in engine.generate(PROMPTS, GREEDY)],
+            "sampled": [c.token_ids for c in engine.generate(PROMPTS, SAMPLED)],
+            "logprobs": engine.generate(PROMPTS, LOGPROBS)[-1].logprobs}
+
+
+def assert_same_logprobs(got, want) -> None:
+    assert [(e.token_id, [i for i, _ in e.top]) for e in got] == [(e.token_id, [i for i, _ in e.top]) for e in want]
+    np.testing.assert_allclose([[e.logprob] + [v for _, v in e.top] for e in got],
+                               [[e.logprob] + [v for _, v in e.top] for e in want], rtol=0, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model) -> tuple[Engine, dict]:
+    engine = Engine.from_pretrained(tiny_model, **ENGINE_OPTS)
+    return engine, run(engine)
+
+
+def mesh_of(data: int, model: int):
+    return make_mesh(f"data={data},model={model}", jax.devices()[: data * model])
+
+
+def assert_rules_applied(engine: Engine) -> None:
+    """Every array's actual spec is what the rules table says (and a few spelled out by hand)."""
+    for path, var in nnx.to_flat_state(engine.runner.params):
+        name = ".".join(map(str, path))
+        assert var[...].sharding.spec == partition_spec(param_axes(name)), name
+    params, state = engine.runner.params, engine.runner.state
+    assert params["wte"]["weight"].sharding.spec == P("model", None)
+    assert params["h"][0]["attn"]["c_attn"]["weight"].sharding.spec == P(None, None, "model", None)
+    assert params["h"][1]["attn"]["c_proj"]["weight"].sharding.spec == P("model", None, None)
+    assert params["h"][0]["mlp"]["c_fc"]["weight"].sharding.spec == P(None, "model")
+    assert params["h"][0]["mlp"]["c_proj"]["weight"].sharding.spec == P("model", None)
+    assert params["ln_f"]["weight"].sharding.spec == P(None)
+    assert state.cache.k.sharding.spec == P(None, "data", "model", None, None)
+    assert state.cache.v.sharding.spec == state.cache.k.sharding.spec
+    assert state.cache.lengths.sharding.spec == P("data")
+    assert state.tokens.sharding.spec == P("data") and state.params.temperature.sharding.spec == P("data")
+    assert state.keys.sharding.spec == P("data", None)
+    assert state.seen.sharding.spec == P("data", None) and state.counts.sharding.spec == P("data", None)
+
+
+def test_rules_table_maps_tensor_parallel_axes_to_model_and_slots_to_data():
+    assert {k for k, v in RULES.items() if v == "model"} == {"vocab", "heads", "mlp"}
+    assert {k for k, v in RULES.items() if v == "data"} == {"slots"}
+    assert partition_spec(("embed", None, "heads", "head_dim")) == P(None, None, "model", None)
+
+
+def test_two_dims_on_one_mesh_axis_is_rejected():
+    with pytest.raises(ValueError, match=r"two dimensions onto one mesh axis.*'model', 'model'"):
+        partition_spec(("heads", "mlp"))
+    with pytest.raises(ValueError, match="logical axis 'experts' is not in engine.sharding.RULES"):
+        partition_spec(("experts",))
+
+
+def test_parse_mesh_strings():
+    assert parse_mesh("data=2,model=4", 8) == (2, 4)
+    assert parse_mesh("model=4", 8) == (2, 4)  # the left-out axis takes the remaining devices
+    assert parse_mesh("data=-1, model=2", 8) == (4, 2)
+    for bad in ("data=2;model=4", "tensor=2", "data=2,data=4", "data=0,model=8", "", "data=-1"):
+        with pytest.raises(ValueError, match="mesh"):
+            parse_mesh(bad, 8)
+
+
+def test_device_count_mismatch_says_how_many_devices_there_are():
+    with pytest.raises(ValueError, match=r"'data=2,model=2' needs 4 devices .* there are 8 cpu devices"):
+        make_mesh("data=2,model=2")
+    with pytest.raises(ValueError, match=r"'model=3': there are 8 devices, which do not split into model=3"):
+        make_mesh("model=3")
+    mesh = make_mesh("data=2,model=4")
+    assert dict(mesh.shape) == {"data": 2, "model": 4} and mesh.devices.size == 8
+    assert make_mesh(None).devices.size == 1 and make_mesh(mesh) is mesh
+
+
+@pytest.mark.parametrize("cfg,bad,works,good", [
+    (preset("gpt2"), 8, "1, 2, 3, 4, 6, 12", 6), (preset("gpt2-xl"), 2, "1, 5, 25", 5),
+    (GPT2Config(n_layer=2, n_head=4, n_embd=64), 8, "1, 2, 4", 4)])
+def test_model_axis_must_divide_the_heads(cfg, bad, works, good):
+    message = rf"mesh model={bad} cannot split .*n_head={cfg.n_head}.*sizes that work: {works}$"
+    with pytest.raises(ValueError, match=message):
+        check_mesh(mesh_of(1, bad), cfg, max_slots=8)
+    check_mesh(mesh_of(1, good), cfg, max_slots=8)  # the padded vocab splits too (xl: 51200 = 5 x 10240)
+
+
+def test_data_axis_must_divide_max_slots():
+    message = r"mesh data=8 must divide max_slots=12: use max_slots=16 .*\[1, 2, 3, 4, 6, 12\]"
+    with pytest.raises(ValueError, match=message):
+        check_mesh(mesh_of(8, 1), preset("gpt2"), max_slots=12)
+
+
+def test_engine_rejects_a_bad_mesh_before_loading(tiny_model):
+    with pytest.raises(ValueError, match=r"model=8 cannot split.*sizes that work: 1, 2, 4"):
+        Engine.from_pretrained(tiny_model, mesh="data=1,model=8", **ENGINE_OPTS)
+    with pytest.raises(ValueError, match=r"data=8 must divide max_slots=4"):
+        Engine.from_pretrained(tiny_model, mesh="data=8,model=1", **{**ENGINE_OPTS, "max_slots": 4})
+    with pytest.raises(ValueError, match="there are 8"):
+        Engine.from_pretrained(tiny_model, mesh="data=3,model=2", **ENGINE_OPTS)
+    with pytest.raises(ValueError, match=r"model=8 cannot split.*1, 2, 3, 4, 6, 12"):  # gpt2 size: fails fast
+        Engine.from_pretrained("gpt2", load_format="dummy", mesh="data=1,model=8")
+
+
+def test_default_engine_is_one_device_with_the_same_layout(reference):
+    engine, _ = reference
+    assert dict(engine.mesh.shape) == {"data": 1, "model": 1} and engine.mesh.devices.size == 1
+    assert engine.engine_config.mesh is None
+    assert_rules_applied(engine)
+
+
+@pytest.mark.parametrize("data,model", MESHES)
+def test_sharded_engine_matches_unsharded(tiny_model, reference, data, model):
+    _, expected = reference
+    engine = Engine.from_pretrained(tiny_model, mesh=mesh_of(data, model), **ENGINE_OPTS)
+    assert engine.engine_config.mesh == f"data={data},model={model}"
+    assert_rules_applied(engine)
+    k = engine.runner.state.cache.k
+    assert k.addressable_shards[0].data.shape == (2, 8 // data, 4 // model, 32, 16)
+    got = run(engine)
+    np.testing.assert_allclose(got["logits"], expected["logits"], rtol=0, atol=1e-4)
+    assert got["greedy"] == expected["greedy"]
+    assert got["sampled"] == expected["sampled"]
+    assert len(expected["logprobs"]) == 3
+    assert_same_logprobs(got["logprobs"], expected["logprobs"])
+    traces = engine.runner.trace_count
+    assert [c.token_ids for c in engine.generate(PROMPTS, GREEDY)] == expected["greedy"]
+    assert engine.runner.trace_count == traces  # the donated state came back in the same shardings
+    assert_rules_applied(engine)
