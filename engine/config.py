@@ -150,6 +150,20 @@ class EngineConfig:
             size *= 4
         return tuple(sizes + [cap])
 
-    def decode_windows(self) -> tuple[int, ...]:
-        """Attention windows compiled for decode: the prefill buckets >= 64, clipped to the context."""
-        return tuple(b for b in self.resolved_buckets() if b >= min(64, self.max_seq_len))
+    def decode_windows(self, block: int) -> tuple[int, ...]:
+        """Attention windows compiled for decode: block, 2 block, 4 block, ... below the context, and the
+        context (the KV cache is read in whole blocks)."""
+        windows, size = [], block
+        while size < self.max_seq_len:
+            windows.append(size)
+            size *= 2
+        return tuple(windows + [self.max_seq_len])
+
+    def decode_widths(self, data: int = 1) -> tuple[int, ...]:
+        """Slot counts compiled for decode (a call runs slots [0, n)): data, 4 data, 16 data, ... below
+        max_slots, and max_slots; multiples of the mesh's data axis so every device keeps equal rows."""
+        widths, size = [], data
+        while size < self.max_slots:
+            widths.append(size)
+            size *= 4
+        return tuple(widths + [self.max_slots])

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from engine.config import EngineConfig, GPT2Config, preset
+from engine.kv_cache import block_size
 from engine.requests import Completion, RequestFactory, completion_of
 from engine.runner import Runner
 from engine.sampling import SamplingParams, broadcast_params
@@ -84,12 +85,13 @@ class Engine:
         return SchedulerConfig(
             max_slots=ecfg.max_slots, max_seq_len=self.max_seq_len, decode_steps=ecfg.decode_steps,
             prefill_buckets=buckets, prefill_batch_sizes={b: ecfg.prefill_batch_sizes(b) for b in buckets},
-            decode_windows=ecfg.decode_windows(), eos_token_id=self.config.eos_token_id)
+            decode_windows=ecfg.decode_windows(block_size(self.max_seq_len)),
+            decode_slot_counts=ecfg.decode_widths(self.mesh.shape["data"]), eos_token_id=self.config.eos_token_id)
 
     def warmup(self) -> None:
         """Compile every program now; afterwards no prompt length or parameter mix compiles again."""
         sc = self.scheduler.config
-        self.runner.warmup(sc.prefill_buckets, sc.decode_windows)
+        self.runner.warmup(sc.prefill_buckets, sc.decode_windows, sc.decode_slot_counts)
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """Next-token logits for every position of one sequence: float32 [len(token_ids), vocab_size]."""

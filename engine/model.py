@@ -106,13 +106,20 @@ class OutProj(nnx.Module):
         return jnp.einsum("bthk,hkd->btd", o, self.weight[...]) + self.bias[...]
 
 
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
-    """q [B,H,T,K], k/v [B,H,W,K], q_pos [B,T], k_pos [B,W] -> [B,T,H,K]; key visible iff k_pos <= q_pos."""
-    scores = jnp.einsum("bhtk,bhwk->bhtw", q, k, preferred_element_type=jnp.float32)
+def _attend(q: jax.Array, ks, vs, q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
+    """q [B,H,T,K]; keys/values as blocks ks/vs [B,H,Wi,K] (W = sum Wi); q_pos [B,T], k_pos [B,W].
+
+    Returns [B,T,H,K]; a key is visible iff k_pos <= q_pos. Scores of all blocks share one softmax."""
+    scores = jnp.concatenate([jnp.einsum("bhtk,bhwk->bhtw", q, k, preferred_element_type=jnp.float32)
+                              for k in ks], axis=-1)
     scores = scores * (1.0 / jnp.sqrt(jnp.float32(q.shape[-1])))
     visible = k_pos[:, None, None, :] <= q_pos[:, None, :, None]
-    probs = jax.nn.softmax(jnp.where(visible, scores, _NEG), axis=-1)
-    return jnp.einsum("bhtw,bhwk->bhtk", probs.astype(v.dtype), v).transpose(0, 2, 1, 3)
+    probs = jax.nn.softmax(jnp.where(visible, scores, _NEG), axis=-1).astype(vs[0].dtype)
+    out, start = None, 0
+    for v in vs:
+        part = jnp.einsum("bhtw,bhwk->bhtk", probs[..., start: start + v.shape[2]], v)
+        out, start = part if out is None else out + part, start + v.shape[2]
+    return out.transpose(0, 2, 1, 3)
 
 
 class Attention(nnx.Module):
@@ -129,10 +136,11 @@ class Attention(nnx.Module):
         if cache is not None:
             cache = cache.write(layer, slots, positions, k, v)
         if window is None:
-            out = _attend(q, k, v, positions, positions)
+            out = _attend(q, (k,), (v,), positions, positions)
         else:
             k_win, v_win = cache.window(layer, window)
-            k_pos = jnp.broadcast_to(jnp.arange(window, dtype=positions.dtype), (x.shape[0], window))
+            width = sum(k.shape[2] for k in k_win)
+            k_pos = jnp.broadcast_to(jnp.arange(width, dtype=positions.dtype), (x.shape[0], width))
             out = _attend(q, k_win, v_win, positions, k_pos)
         return self.c_proj(out), cache
 

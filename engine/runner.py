@@ -39,12 +39,12 @@ class DecodeState:
     counts: jax.Array  # i32[S,V] generated-token counts (presence / frequency penalties)
 
 
-def state_axes() -> DecodeState:
+def state_axes(cfg: GPT2Config, max_len: int) -> DecodeState:
     """Logical axes of every DecodeState array (engine.sharding.RULES maps them onto the mesh): slots on
-    `data`; seen/counts keep the whole vocab per row because sampling reads whole rows."""
+    `data` (always dim 0); seen/counts keep the whole vocab per row because sampling reads whole rows."""
     slot = ("slots",)
     return DecodeState(
-        cache=KVCache(CACHE_AXES, CACHE_AXES, slot), tokens=slot, steps=slot, keys=("slots", "key_data"),
+        cache=KVCache.tree_of(cfg, max_len, CACHE_AXES, slot), tokens=slot, steps=slot, keys=("slots", "key_data"),
         params=SlotParams(*(slot for _ in SlotParams._fields)), wants_logprobs=slot,
         seen=("slots", "sampled_vocab"), counts=("slots", "sampled_vocab"))
 
@@ -112,16 +112,17 @@ class Runner:
         self.trace_count = 0  # incremented whenever a program is traced: the no-recompile check reads it
         # Fixed output shardings: the donated state comes back laid out as it went in (never resharded per
         # call); sampled ids come back replicated, so every process can read them.
-        self.state_shardings = tree_shardings(self.mesh, state_axes())
+        self.state_shardings = tree_shardings(self.mesh, state_axes(cfg, self.max_len))
         outs = (self.state_shardings, replicated(self.mesh))
         self.state = self._initial_state(cache_dtype)
         self._prefill = jax.jit(self._prefill_impl, donate_argnums=(1,), out_shardings=outs)
-        self._decode = jax.jit(self._decode_impl, donate_argnums=(1,), static_argnums=(2,), out_shardings=outs)
+        self._decode = jax.jit(self._decode_impl, donate_argnums=(1,), static_argnums=(2, 3), out_shardings=outs)
 
     def _initial_state(self, cache_dtype) -> DecodeState:
         s, v = self.ecfg.max_slots, self.cfg.padded_vocab_size
         shardings = self.state_shardings
-        cache = KVCache.create(self.cfg, s, self.max_len, cache_dtype, (shardings.cache.k, shardings.cache.lengths))
+        cache = KVCache.create(self.cfg, s, self.max_len, cache_dtype, (shardings.cache.k[0][0],
+                                                                         shardings.cache.lengths))
 
         def rest() -> DecodeState:
             params = SlotParams(*(jnp.asarray(a) for a in neutral_params(s)))
@@ -172,8 +173,16 @@ class Runner:
             seen=put(state.seen, seen), counts=put(state.counts, counts))
         return state, out
 
-    def _decode_impl(self, params, state: DecodeState, window: int):
+    def _decode_impl(self, params, state: DecodeState, window: int, width: int):
+        """k steps of slots [0, width): the others are sliced off first and put back untouched after."""
         self.trace_count += 1
+        if width == self.ecfg.max_slots:
+            return self._decode_rows(params, state, window)
+        head = jax.tree.map(lambda a: a[:width], state)
+        head, out = self._decode_rows(params, head, window)
+        return jax.tree.map(lambda a, h: a.at[:width].set(h), state, head), out
+
+    def _decode_rows(self, params, state: DecodeState, window: int):
         model = self._model(params)
         last = self.max_len - 1
 
@@ -196,18 +205,20 @@ class Runner:
         self.state, out = self._prefill(self.params, self.state, rows)
         return out
 
-    def decode(self, window: int) -> Sampled:
-        """Run k decode steps over every slot; returns device arrays [k, S] (and [k, S, N])."""
-        self.state, out = self._decode(self.params, self.state, window)
+    def decode(self, window: int, width: int | None = None) -> Sampled:
+        """Run k decode steps over slots [0, width) (default all); returns device arrays [k, width] (and
+        [k, width, N])."""
+        self.state, out = self._decode(self.params, self.state, window, width or self.ecfg.max_slots)
         return out
 
-    def warmup(self, buckets: tuple[int, ...], windows: tuple[int, ...]) -> None:
-        """Compile every program: each (bucket, batch size) prefill and each decode window."""
+    def warmup(self, buckets: tuple[int, ...], windows: tuple[int, ...], widths: tuple[int, ...] = ()) -> None:
+        """Compile every program: each (bucket, batch size) prefill and each (window, width) decode."""
         for bucket in buckets:
             for size in self.ecfg.prefill_batch_sizes(bucket):
                 jax.block_until_ready(self.prefill(dummy_rows(size, bucket, self.ecfg.max_slots)))
         for window in windows:
-            jax.block_until_ready(self.decode(window))
+            for width in widths or (self.ecfg.max_slots,):
+                jax.block_until_ready(self.decode(window, width))
 
 
 def _put_rows(slots, target, rows):

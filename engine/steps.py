@@ -13,7 +13,7 @@ import numpy as np
 from engine.requests import TokenLogprob
 from engine.runner import PrefillRows, Runner, Sampled, neutral_params
 from engine.sampling import SlotParams, seed_key_data, slot_params
-from engine.scheduler import PrefillBatch, Request, Scheduler, Update
+from engine.scheduler import DecodeBatch, PrefillBatch, Request, Scheduler, Update
 
 
 def pack_prefill(batch: PrefillBatch, num_slots: int) -> PrefillRows:
@@ -64,7 +64,7 @@ class StepRunner:
             updates = []
         decode = self.scheduler.schedule_decode()
         if decode is not None:
-            updates += self._decode(decode.slots, decode.window)
+            updates += self._decode(decode)
         return updates
 
     def _prefill(self, batch: PrefillBatch) -> list[Update]:
@@ -74,9 +74,9 @@ class StepRunner:
         extras = [_extra(r, host, row) for row, r in enumerate(reqs)]
         return self.scheduler.on_prefill_tokens(batch, host["tokens"][: len(reqs)].tolist(), extras)
 
-    def _decode(self, slots: tuple[int, ...], window: int) -> list[Update]:
-        out = self.runner.decode(window)
-        live = {s: self.scheduler.request_at(s) for s in slots}
+    def _decode(self, batch: DecodeBatch) -> list[Update]:
+        out = self.runner.decode(batch.window, batch.num_slots)
+        live = {s: self.scheduler.request_at(s) for s in batch.slots}
         host = _fetch(out, any(r is not None and r.params.logprobs is not None for r in live.values()))
         tokens = host["tokens"].tolist()
         extras = [[_extra(live.get(s), host, (k, s)) for s in range(len(row))] for k, row in enumerate(tokens)]

@@ -79,8 +79,8 @@ def assert_rules_applied(engine: Engine) -> None:
     assert params["h"][0]["mlp"]["c_fc"]["weight"].sharding.spec == P(None, "model")
     assert params["h"][0]["mlp"]["c_proj"]["weight"].sharding.spec == P("model", None)
     assert params["ln_f"]["weight"].sharding.spec == P(None)
-    assert state.cache.k.sharding.spec == P(None, "data", "model", None, None)
-    assert state.cache.v.sharding.spec == state.cache.k.sharding.spec
+    blocks = [b for layer in state.cache.k + state.cache.v for b in layer]
+    assert all(b.sharding.spec == P("data", "model", None, None) for b in blocks)
     assert state.cache.lengths.sharding.spec == P("data")
     assert state.tokens.sharding.spec == P("data") and state.params.temperature.sharding.spec == P("data")
     assert state.keys.sharding.spec == P("data", None)
@@ -159,8 +159,8 @@ def test_sharded_engine_matches_unsharded(tiny_model, reference, data, model):
     engine = Engine.from_pretrained(tiny_model, mesh=mesh_of(data, model), **ENGINE_OPTS)
     assert engine.engine_config.mesh == f"data={data},model={model}"
     assert_rules_applied(engine)
-    k = engine.runner.state.cache.k
-    assert k.addressable_shards[0].data.shape == (2, 8 // data, 4 // model, 32, 16)
+    k = engine.runner.state.cache.k[0][0]
+    assert k.addressable_shards[0].data.shape == (8 // data, 4 // model, 32, 16)
     got = run(engine)
     np.testing.assert_allclose(got["logits"], expected["logits"], rtol=0, atol=1e-4)
     assert got["greedy"] == expected["greedy"]
