@@ -151,19 +151,19 @@ class EngineConfig:
         return tuple(sizes + [cap])
 
     def decode_windows(self, block: int) -> tuple[int, ...]:
-        """Attention windows compiled for decode: block, 2 block, 4 block, ... below the context, and the
-        context (the KV cache is read in whole blocks)."""
+        """Attention windows compiled for decode (the KV cache is read in whole blocks): every block
+        multiple up to 4 blocks, then doubling, below the context; and the context itself."""
         windows, size = [], block
         while size < self.max_seq_len:
             windows.append(size)
-            size *= 2
+            size = size + block if size < 4 * block else 2 * size
         return tuple(windows + [self.max_seq_len])
 
     def decode_widths(self, data: int = 1) -> tuple[int, ...]:
-        """Slot counts compiled for decode (a call runs slots [0, n)): data, 4 data, 16 data, ... below
+        """Slot counts compiled for decode (a call runs slots [0, n)): data, 2 data, 4 data, ... below
         max_slots, and max_slots; multiples of the mesh's data axis so every device keeps equal rows."""
         widths, size = [], data
         while size < self.max_slots:
             widths.append(size)
-            size *= 4
+            size *= 2
         return tuple(widths + [self.max_slots])

@@ -117,6 +117,7 @@ class Runner:
         self.state = self._initial_state(cache_dtype)
         self._prefill = jax.jit(self._prefill_impl, donate_argnums=(1,), out_shardings=outs)
         self._decode = jax.jit(self._decode_impl, donate_argnums=(1,), static_argnums=(2, 3), out_shardings=outs)
+        self._move = jax.jit(_move_rows, donate_argnums=(0,), out_shardings=self.state_shardings)
 
     def _initial_state(self, cache_dtype) -> DecodeState:
         s, v = self.ecfg.max_slots, self.cfg.padded_vocab_size
@@ -211,6 +212,14 @@ class Runner:
         self.state, out = self._decode(self.params, self.state, window, width or self.ecfg.max_slots)
         return out
 
+    def move(self, moves: list[tuple[int, int]]) -> None:
+        """Copy every per-slot row (KV cache included) from src to dst slot, for each (src, dst)."""
+        s = self.ecfg.max_slots
+        src, dst = np.full(s, s, np.int32), np.full(s, s, np.int32)  # padding: slot S, dropped
+        for i, (a, b) in enumerate(moves):
+            src[i], dst[i] = a, b
+        self.state = self._move(self.state, src, dst)
+
     def warmup(self, buckets: tuple[int, ...], windows: tuple[int, ...], widths: tuple[int, ...] = ()) -> None:
         """Compile every program: each (bucket, batch size) prefill and each (window, width) decode."""
         for bucket in buckets:
@@ -219,6 +228,14 @@ class Runner:
         for window in windows:
             for width in widths or (self.ecfg.max_slots,):
                 jax.block_until_ready(self.decode(window, width))
+        self.move([])
+        jax.block_until_ready(self.state)
+
+
+def _move_rows(state: DecodeState, src, dst) -> DecodeState:
+    """Row dst of every per-slot array (dim 0) takes row src; out-of-range dst rows are dropped."""
+    last = src.shape[0] - 1
+    return jax.tree.map(lambda a: a.at[dst].set(a[jnp.minimum(src, last)], mode="drop"), state)
 
 
 def _put_rows(slots, target, rows):

@@ -238,6 +238,26 @@ class Scheduler:
 
     # -- decode ----------------------------------------------------------------------------------
 
+    def compact(self) -> list[tuple[int, int]]:
+        """Move live requests down into free low slots when that lets decode run a narrower width.
+
+        Only with nothing waiting (admission refills low slots anyway) and no decode in flight. Returns the
+        (src, dst) slot moves, already applied here; the runner must move the device rows the same way.
+        """
+        live = [i for i, r in enumerate(self._slots) if r is not None]
+        if not live or self._waiting or self._in_flight is not None:
+            return []
+        counts = self.config.decode_slot_counts
+        target = counts[bisect.bisect_left(counts, len(live))]
+        if live[-1] < target:
+            return []
+        free = [i for i in range(target) if self._slots[i] is None]
+        moves = list(zip([s for s in live if s >= target], free))
+        for src, dst in moves:
+            request, self._slots[src] = self._slots[src], None
+            self._slots[dst], request.slot = request, dst
+        return moves
+
     def cache_len(self, request: Request) -> int:
         """Device cache positions held by a prefilled live request (its newest token is still pending)."""
         return request.prompt_len + len(request.output_token_ids) - 1

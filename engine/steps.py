@@ -62,6 +62,9 @@ class StepRunner:
         if on_prefill is not None and updates:
             on_prefill(updates)
             updates = []
+        moves = self.scheduler.compact()
+        if moves:
+            self.runner.move(moves)
         decode = self.scheduler.schedule_decode()
         if decode is not None:
             updates += self._decode(decode)

@@ -291,3 +291,16 @@ def test_stream_concatenates_to_generate_text(engine):
     text = engine.generate("Once upon a time", params)[0].text
     deltas = list(engine.stream("Once upon a time", params))
     assert len(deltas) > 1 and "".join(deltas) == text
+
+
+def test_compaction_moves_a_live_request_without_changing_it(engine, monkeypatch):
+    """Three short requests in slots 0-2 finish first; the long one in slot 3 is moved to slot 0 so decode
+    runs width 1, and its tokens equal a run alone."""
+    alone = engine.generate(PROMPTS[3], GREEDY)[0].token_ids
+    moves = []
+    real_move = engine.runner.move
+    monkeypatch.setattr(engine.runner, "move", lambda m: (moves.append(list(m)), real_move(m)))
+    short = dataclasses.replace(GREEDY, max_new_tokens=2)
+    out = engine.generate(PROMPTS, [short, short, short, GREEDY])
+    assert moves == [[(3, 0)]]
+    assert out[3].token_ids == alone

@@ -466,3 +466,29 @@ def test_decode_width_is_the_smallest_slot_count_above_the_highest_live_slot():
 def test_decode_slot_counts_are_validated():
     with pytest.raises(ValueError, match="decode_slot_counts"):
         make_config(max_slots=4, decode_slot_counts=(0, 2))
+
+
+def test_compact_moves_high_live_slots_into_free_low_ones():
+    sched = Scheduler(make_config(max_slots=8, decode_slot_counts=(1, 4)))
+    for i in range(5):
+        sched.add(make_request(f"r{i}"))
+    prefill_all(sched)
+    assert sched.compact() == []  # 5 live need width 8 anyway
+    for rid in ("r0", "r1", "r2"):
+        sched.abort(rid)
+    assert sched.live_slots == (3, 4)
+    assert sched.compact() == [(4, 0)]
+    assert sched.live_slots == (0, 3) and sched.request_at(0).request_id == "r4"
+    assert sched.request_at(0).slot == 0
+    assert sched.compact() == []
+    assert sched.schedule_decode().num_slots == 4
+
+
+def test_compact_waits_while_requests_wait_for_a_slot():
+    sched = Scheduler(make_config(max_slots=2, decode_slot_counts=(1,)))
+    for i in range(3):
+        sched.add(make_request(f"r{i}"))
+    prefill_all(sched)
+    sched.abort("r0")
+    assert sched.live_slots == (1,) and sched.num_waiting == 1
+    assert sched.compact() == []
