@@ -14,6 +14,7 @@ import argparse
 import logging
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
@@ -22,6 +23,10 @@ from engine.sampling import SamplingParams
 from launch import distributed
 from launch.batch_io import JobError, count_lines, default_output, input_lines, open_input
 from launch.batch_job import BatchJob, JobOptions, Stats
+from launch.engine_flags import EngineLoadError, add_engine_flags, engine_options, load_engine
+
+if TYPE_CHECKING:
+    from engine.engine import Engine
 
 log = logging.getLogger("launch.batch")
 
@@ -43,11 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
                    help="dummy: random weights of the model's shape (needs no checkpoint)")
     e = p.add_argument_group("engine (EngineConfig fields; default: EngineConfig's)")
-    e.add_argument("--max-slots", type=int, help="requests decoded together (cache slots)")
-    e.add_argument("--max-seq-len", type=int, help="context positions per slot (prompt + output)")
-    e.add_argument("--decode-steps", type=int, help="tokens per decode call")
-    e.add_argument("--prefill-buckets", type=_int_tuple, help="comma-separated padded prompt lengths")
-    e.add_argument("--mesh", help="device mesh, e.g. data=2,model=4")
+    add_engine_flags(e, ENGINE_FLAGS)
     e.add_argument("--max-in-flight", type=int, help="lines held at once (default: 4 x max-slots)")
     s = p.add_argument_group("default sampling (SamplingParams fields; a line's own fields win)")
     s.add_argument("--max-new-tokens", type=int)
@@ -67,57 +68,43 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _int_tuple(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints such as 16,64,256, got {text!r}") from None
-
-
 def _given(args: argparse.Namespace, names: tuple[str, ...]) -> dict:
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
 def configs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[dict, JobOptions]:
     """Engine options and job options from the flags; a bad value is a usage error naming the field."""
-    engine_options = {"dtype": args.dtype, **_given(args, ENGINE_FLAGS)}
+    options = engine_options(args, ENGINE_FLAGS, parser)
     try:
-        ecfg = EngineConfig(**engine_options)
         defaults = SamplingParams(**_given(args, SAMPLING_FLAGS))
     except ValueError as e:
         parser.error(str(e))
-    max_in_flight = args.max_in_flight if args.max_in_flight is not None else 4 * ecfg.max_slots
+    max_in_flight = args.max_in_flight if args.max_in_flight is not None else 4 * EngineConfig(**options).max_slots
     if max_in_flight < 1:
         parser.error(f"--max-in-flight: expected an int >= 1, got {max_in_flight}")
-    return engine_options, JobOptions(defaults, args.seed, max_in_flight, args.model)
+    return options, JobOptions(defaults, args.seed, max_in_flight, args.model)
 
 
-def load_engine(args: argparse.Namespace, engine_options: dict):
-    from engine.engine import Engine  # imports JAX: after the cheap checks
-
+def load_logged(args: argparse.Namespace, options: dict) -> Engine:
+    """The engine, with what was loaded and how long it took in the log."""
     log.info("loading %s (load_format=%s, %s)", args.model, args.load_format,
-             ", ".join(f"{k}={v}" for k, v in engine_options.items()))
+             ", ".join(f"{k}={v}" for k, v in options.items()))
     started = time.perf_counter()
-    try:
-        engine = Engine.from_pretrained(args.model, tokenizer=args.tokenizer, load_format=args.load_format,
-                                        **engine_options)
-    except Exception as e:  # any failure to load is job-level: one message, no traceback
-        log.debug("model load failed", exc_info=True)
-        raise JobError(f"cannot load model {args.model!r}: {e}") from None
+    engine = load_engine(args, options)  # any failure to load is job-level: one message, no traceback
     log.info("loaded in %.1f s (tokenizer: %s)", time.perf_counter() - started,
              "yes" if engine.tokenizer is not None else "none: token-id prompts only")
     return engine
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Stats:
-    engine_options, options = configs(args, parser)
+    engine_kwargs, options = configs(args, parser)
     source = open_input(args.input)
     output = args.output or default_output(args.input)
     writer = distributed.output_writer(output, resume=args.resume, overwrite=args.overwrite)  # process 0 writes
     if writer.done:
         log.info("resuming %s: %d lines already answered", output, len(writer.done))
     try:
-        engine = load_engine(args, engine_options)
+        engine = load_logged(args, engine_kwargs)
         total = count_lines(args.input) if sys.stderr.isatty() else None
         with tqdm(total=total, unit="line", file=sys.stderr, disable=None, dynamic_ncols=True) as bar:
             stats = BatchJob(engine, writer, options, bar).run(input_lines(source))
@@ -136,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         distributed.initialize(args)
         run(args, parser)
-    except JobError as e:
+    except (JobError, EngineLoadError) as e:
         log.error("%s", e)
         return 1
     except KeyboardInterrupt:

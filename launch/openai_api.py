@@ -20,7 +20,6 @@ from collections.abc import Mapping, Sequence
 from engine.requests import Completion, TokenLogprob
 from engine.sampling import SamplingParams
 from engine.tokenizer import Tokenizer
-from launch.openai_batch import token_text
 
 MAX_CHOICES = 256  # prompts x n per request: bounds the work one HTTP request can queue
 # OpenAI field -> SamplingParams field; None: handled here, not a SamplingParams field
@@ -154,6 +153,13 @@ def _short(value: object) -> str:
 
 def new_completion_id() -> str:
     return f"cmpl-{uuid.uuid4().hex}"
+
+
+def token_text(token_id: int, tokenizer: Tokenizer | None) -> str:
+    """A token's own text (a lone byte of a multi-byte character shows as U+FFFD), or its id without a tokenizer."""
+    if tokenizer is None:
+        return f"token_id:{token_id}"
+    return tokenizer.decode([token_id], skip_special_tokens=False)
 
 
 def logprobs_payload(entries: Sequence[TokenLogprob], tokenizer: Tokenizer | None, offset: int = 0) -> dict:

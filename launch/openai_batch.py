@@ -11,14 +11,14 @@ Output: `{"id": "batch_req_...", "custom_id", "response": {"status_code": 200, "
 """
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Mapping, Sequence
 
-from engine.requests import Completion, TokenLogprob
+from engine.requests import Completion
 from engine.sampling import SamplingParams
 from engine.tokenizer import Tokenizer
 from launch.jsonl import ALIASES, PARAM_FIELDS, Job, Line, checked_text, sampling_params
+from launch.openai_api import completion_body, new_completion_id
 
 COMPLETIONS_URL = "/v1/completions"
 IGNORED = ("model", "user")
@@ -72,37 +72,12 @@ def body_prompt(body: Mapping) -> str | list[int]:
 
 
 def openai_output(line: Line, completions: Sequence[Completion], model: str, tokenizer: Tokenizer | None) -> dict:
-    prompt_tokens = len(completions[0].prompt_token_ids)
-    generated = sum(len(c.token_ids) for c in completions)
-    body = {
-        "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
-                     "logprobs": None if c.logprobs is None else _logprobs(c.logprobs, tokenizer)}
-                    for c in completions],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
-                  "total_tokens": prompt_tokens + generated},
-    }
+    """The line's `text_completion` (the server's response body) wrapped in a batch output line; `completions`
+    are the n samples of the line's one prompt."""
+    choices = {c.index: c for c in completions}
+    body = completion_body(new_completion_id(), model, choices, len(completions), tokenizer)
     response = {"status_code": 200, "request_id": uuid.uuid4().hex, "body": body}
     return {"id": _batch_id(), "custom_id": line.ident, "response": response, "error": None}
-
-
-def _logprobs(entries: Sequence[TokenLogprob], tokenizer: Tokenizer | None) -> dict:
-    """OpenAI's legacy completions logprobs: parallel lists, offsets into the generated text."""
-    tokens = [token_text(e.token_id, tokenizer) for e in entries]
-    offsets, at = [], 0
-    for text in tokens:
-        offsets.append(at)
-        at += len(text)
-    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{token_text(t, tokenizer): v for t, v in e.top} for e in entries],
-            "text_offset": offsets}
-
-
-def token_text(token_id: int, tokenizer: Tokenizer | None) -> str:
-    """A token's own text (a lone byte of a multi-byte character shows as U+FFFD), or its id without a tokenizer."""
-    if tokenizer is None:
-        return f"token_id:{token_id}"
-    return tokenizer.decode([token_id], skip_special_tokens=False)
 
 
 def openai_error(line: Line, message: str, code: str = "invalid_request") -> dict:

@@ -31,6 +31,7 @@ from starlette.background import BackgroundTask
 from engine.async_engine import AsyncEngine, Delta, EngineClosedError, QueueFullError, RequestStream
 from engine.config import DTYPES, EngineConfig
 from engine.requests import Completion
+from launch.engine_flags import EngineLoadError, add_engine_flags, engine_options, load_engine
 from launch.openai_api import (ApiError, CompletionRequest, bad, bad_field, completion_body, logprobs_payload,
                                new_completion_id, parse_completion_request, stream_chunk, usage)
 from launch.server_metrics import CONTENT_TYPE, ServerMetrics
@@ -231,52 +232,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip compiling every program before serving (the first requests compile instead)")
     e = p.add_argument_group("engine (EngineConfig fields; default: EngineConfig's)")
     e.add_argument("--dtype", choices=DTYPES, default=EngineConfig.dtype)
-    e.add_argument("--max-slots", type=int, help="requests decoded together (cache slots)")
-    e.add_argument("--max-seq-len", type=int, help="context positions per slot (prompt + output)")
-    e.add_argument("--decode-steps", type=int, help="tokens per decode call")
-    e.add_argument("--prefill-buckets", type=_int_tuple, help="comma-separated padded prompt lengths")
-    e.add_argument("--prefill-token-budget", type=int, help="tokens per prefill call")
-    e.add_argument("--mesh", help="device mesh, e.g. data=2,model=4")
-    e.add_argument("--seed", type=int, help="engine seed for requests without their own")
+    add_engine_flags(e, ENGINE_FLAGS)
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return p
-
-
-def _int_tuple(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints such as 32,128, got {text!r}") from None
-
-
-def engine_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
-    """EngineConfig keyword arguments from the flags; a bad value is a usage error naming the field."""
-    options = {"dtype": args.dtype, **{n: getattr(args, n) for n in ENGINE_FLAGS if getattr(args, n) is not None}}
-    try:
-        EngineConfig(**options)
-    except ValueError as e:
-        parser.error(str(e))
-    if args.max_waiting < 0:
-        parser.error(f"--max-waiting: expected an int >= 0, got {args.max_waiting}")
-    return options
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-    options = engine_options(args, parser)
+    options = engine_options(args, ENGINE_FLAGS, parser)
+    if args.max_waiting < 0:
+        parser.error(f"--max-waiting: expected an int >= 0, got {args.max_waiting}")
     import uvicorn
-
-    from engine.engine import Engine  # imports JAX: after the cheap checks
 
     started = time.perf_counter()
     try:
-        engine = Engine.from_pretrained(args.model, tokenizer=args.tokenizer, load_format=args.load_format,
-                                        **options)
-    except Exception as e:  # any failure to load ends the server before it binds: one message
-        log.debug("model load failed", exc_info=True)
-        log.error("cannot load model %r: %s", args.model, e)
+        engine = load_engine(args, options)
+    except EngineLoadError as e:  # the server ends before it binds: one message
+        log.error("%s", e)
         return 1
     if args.warmup:
         engine.warmup()

@@ -3,38 +3,24 @@ frees slots, admission limit, shutdown, requests from several threads and event 
 from __future__ import annotations
 
 import asyncio
-import shutil
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from engine.async_engine import AsyncEngine, EngineClosedError, QueueFullError
 from engine.engine import Engine
 from engine.sampling import SamplingParams
+from tests.checkpoints import make_tiny_checkpoint
 
-TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "shared/data/gpt2-tokenizer"
 OPTIONS = dict(max_slots=2, max_seq_len=128, decode_steps=4, prefill_buckets=(32,), prefill_token_budget=32)
 LONG = SamplingParams(max_new_tokens=120, ignore_eos=True, seed=5)  # ~30 decode calls: outlives any check
 PROMPTS = ["Hello world", "The quick brown fox", [464, 3290, 318], "Once upon"]
 
 
-def make_checkpoint(folder: Path) -> Path:
-    torch, transformers = pytest.importorskip("torch"), pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64)
-    transformers.GPT2LMHeadModel(config).save_pretrained(folder, safe_serialization=True)
-    for f in TOKENIZER_DIR.iterdir():
-        shutil.copy(f, folder / f.name)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory) -> Engine:
-    if not TOKENIZER_DIR.is_dir():
-        pytest.skip(f"GPT-2 tokenizer files not found at {TOKENIZER_DIR}")
-    return Engine.from_pretrained(make_checkpoint(tmp_path_factory.mktemp("tiny")), **OPTIONS)
+    return Engine.from_pretrained(make_tiny_checkpoint(tmp_path_factory.mktemp("tiny")), **OPTIONS)
 
 
 def run(engine: Engine, body, **options):

@@ -15,24 +15,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.checkpoints import make_tiny_checkpoint
+
 REPO = Path(__file__).resolve().parents[1]
-TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "shared/data/gpt2-tokenizer"
 ENGINE_FLAGS = ["--max-slots", "2", "--max-seq-len", "128", "--decode-steps", "2", "--prefill-buckets", "16,64"]
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    if not TOKENIZER_DIR.is_dir():
-        pytest.skip(f"GPT-2 tokenizer files not found at {TOKENIZER_DIR}")
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    folder = tmp_path_factory.mktemp("tiny_gpt2")
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64))
-    model.save_pretrained(folder, safe_serialization=True)
-    for f in TOKENIZER_DIR.iterdir():
-        shutil.copy(f, folder / f.name)
-    return folder
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_gpt2"))
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import jax
@@ -18,26 +17,17 @@ from engine import Engine
 from engine.config import GPT2Config
 from engine.model import param_axes
 from engine.sharding import make_mesh, param_sharding_fn, partition_spec
+from tests.checkpoints import make_tiny_checkpoint
 from weights import checkpoint, convert, hf
 from weights.loader import load_safetensors
 
-TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "shared/data/gpt2-tokenizer"
 ENGINE_OPTS = dict(max_slots=8, max_seq_len=32, decode_steps=2, prefill_buckets=(16,))
 TEXT = "Orbax restores each shard straight onto its device."
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    if not TOKENIZER_DIR.is_dir():
-        pytest.skip(f"GPT-2 tokenizer files not found at {TOKENIZER_DIR}")
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    folder = tmp_path_factory.mktemp("tiny_gpt2")
-    torch.manual_seed(1)
-    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64)).save_pretrained(folder)
-    for f in TOKENIZER_DIR.iterdir():
-        shutil.copy(f, folder / f.name)
-    return folder
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_gpt2"), seed=1)
 
 
 def mesh_of(data: int, model: int):

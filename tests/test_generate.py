@@ -10,7 +10,6 @@ from the checkpoint, and that seeded draws do not depend on the slot count or de
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 
 import jax
@@ -22,12 +21,11 @@ import transformers
 from engine.engine import Engine
 from engine.requests import completion_of
 from engine.sampling import SamplingParams
+from tests.checkpoints import copy_tokenizer, make_tiny_checkpoint
 
-TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "shared/data/gpt2-tokenizer"
 CONTEXT = 64
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True)
 SEEDED = SamplingParams(temperature=1.0, seed=1234, max_new_tokens=10, ignore_eos=True)
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json")
 ENGINE_OPTIONS = dict(max_slots=4, max_seq_len=CONTEXT, decode_steps=4, prefill_buckets=(16, 32),
                       prefill_token_budget=32)  # prefill rows per call: 1 or 2 at bucket 16, 1 above
 
@@ -39,20 +37,9 @@ def random_prompt(length: int, seed: int) -> list[int]:
 PROMPTS = [random_prompt(n, seed) for seed, n in enumerate((3, 9, 20, 40))]  # buckets 16, 16, 32, 64
 
 
-def make_checkpoint(folder: Path) -> Path:
-    if not TOKENIZER_DIR.is_dir():
-        pytest.skip(f"GPT-2 tokenizer files not found at {TOKENIZER_DIR}")
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64, initializer_range=0.2)
-    transformers.GPT2LMHeadModel(config).save_pretrained(folder, safe_serialization=True)
-    for name in TOKENIZER_FILES:
-        shutil.copy(TOKENIZER_DIR / name, folder / name)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("tiny-gpt2"))
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-gpt2"), initializer_range=0.2)
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +62,7 @@ def short_context_copy(source: Path, folder: Path, eos_token_id: int) -> Path:
     state = {k: v[:CONTEXT] if k.endswith("wpe.weight") else v for k, v in model.state_dict().items()}
     short.load_state_dict(state)
     short.save_pretrained(folder, safe_serialization=True)
-    for name in TOKENIZER_FILES:
-        shutil.copy(source / name, folder / name)
+    copy_tokenizer(folder, source)
     return folder
 
 

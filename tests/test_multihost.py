@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -17,10 +16,10 @@ import pytest
 
 from launch import distributed
 from launch.batch_io import JobError
+from tests.checkpoints import make_tiny_checkpoint
 from weights import convert
 
 REPO = Path(__file__).resolve().parents[1]
-TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "shared/data/gpt2-tokenizer"
 LINES = [
     {"prompt": "Hello world", "max_new_tokens": 8, "temperature": 0},
     {"prompt": "The quick brown fox", "max_new_tokens": 6, "temperature": 0.8, "top_p": 0.9, "seed": 3},
@@ -35,16 +34,7 @@ TIMEOUT = 400
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    if not TOKENIZER_DIR.is_dir():
-        pytest.skip(f"GPT-2 tokenizer files not found at {TOKENIZER_DIR}")
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    folder = tmp_path_factory.mktemp("tiny_gpt2")
-    torch.manual_seed(2)
-    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64)).save_pretrained(folder)
-    for f in TOKENIZER_DIR.iterdir():
-        shutil.copy(f, folder / f.name)
-    return folder
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_gpt2"), seed=2)
 
 
 def free_port() -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -14,24 +13,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.checkpoints import TOKENIZER_DIR, make_tiny_checkpoint
+
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKENIZER_DIR = ROOT.parent / "shared/data/gpt2-tokenizer"
 MAX_SLOTS, MAX_WAITING = 4, 6
 SERVER_FLAGS = ["--max-slots", str(MAX_SLOTS), "--max-seq-len", "128", "--decode-steps", "4", "--prefill-buckets",
                 "128", "--prefill-token-budget", "32", "--max-waiting", str(MAX_WAITING), "--log-level", "WARNING"]
-
-
-def make_checkpoint(folder: Path) -> Path:
-    torch, transformers = pytest.importorskip("torch"), pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64)
-    transformers.GPT2LMHeadModel(config).save_pretrained(folder, safe_serialization=True)
-    for f in TOKENIZER_DIR.iterdir():
-        shutil.copy(f, folder / f.name)
-    return folder
 
 
 def free_port() -> int:
@@ -70,9 +60,7 @@ def wait_until(predicate, timeout_s: float = 30) -> None:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    if not TOKENIZER_DIR.is_dir():
-        pytest.skip(f"GPT-2 tokenizer files not found at {TOKENIZER_DIR}")
-    folder = make_checkpoint(tmp_path_factory.mktemp("tiny"))
+    folder = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
     port, log = free_port(), open(tmp_path_factory.mktemp("log") / "server.log", "w+")
     cmd = [sys.executable, "-m", "launch.serve", "--model", str(folder), "--port", str(port), *SERVER_FLAGS]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))

@@ -5,7 +5,6 @@ below is valid; each mesh compiles its own programs, so generation is kept to on
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import jax
@@ -18,8 +17,8 @@ from engine import Engine, SamplingParams
 from engine.config import GPT2Config, preset
 from engine.model import param_axes
 from engine.sharding import RULES, check_mesh, make_mesh, parse_mesh, partition_spec
+from tests.checkpoints import make_tiny_checkpoint
 
-TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "shared/data/gpt2-tokenizer"
 ENGINE_OPTS = dict(max_slots=8, max_seq_len=32, decode_steps=2, prefill_buckets=(16,))
 PROMPTS = ["Hello world", "The quick brown fox", "a b c d e f g", "JAX is"]
 GREEDY = SamplingParams(max_new_tokens=6, temperature=0.0, repetition_penalty=1.3)
@@ -32,16 +31,7 @@ MESHES = [(2, 1), (1, 2), (2, 2), (2, 4), (8, 1)]
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    if not TOKENIZER_DIR.is_dir():
-        pytest.skip(f"GPT-2 tokenizer files not found at {TOKENIZER_DIR}")
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    folder = tmp_path_factory.mktemp("tiny_gpt2")
-    torch.manual_seed(0)
-    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64)).save_pretrained(folder)
-    for f in TOKENIZER_DIR.iterdir():
-        shutil.copy(f, folder / f.name)
-    return folder
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_gpt2"), seed=0)
 
 
 def run(engine: Engine) -> dict:

@@ -9,8 +9,7 @@ import tokenizers
 
 import engine.tokenizer
 from engine.tokenizer import IncrementalDetokenizer, TextStream, Tokenizer
-
-TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "shared/data/gpt2-tokenizer"
+from tests.checkpoints import TOKENIZER_DIR, require_tokenizer
 UNICODE_TEXT = "héllo wörld 你好 🤖👍🏽 naïve café — ½ ünïcödé 日本語のテキスト"
 TEXTS = [
     "Hi my name is",
@@ -23,9 +22,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
-    if not TOKENIZER_DIR.is_dir():
-        pytest.skip(f"GPT-2 tokenizer files not found at {TOKENIZER_DIR}")
-    return Tokenizer.from_path(TOKENIZER_DIR)
+    return Tokenizer.from_path(require_tokenizer())
 
 
 def stream_all(tok: Tokenizer, text: str, stop: list[str]) -> tuple[TextStream, list[str], bool]:

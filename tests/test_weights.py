@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import transformers
 from safetensors.numpy import load_file, save_file
 
 import engine.config
 from engine.config import GPT2Config
 from engine.engine import Engine
+from tests.checkpoints import tiny_gpt2
 from weights.hf import CheckpointError
 
 OPTS = dict(max_slots=1, max_seq_len=32, decode_steps=1, prefill_buckets=(16,))
@@ -36,8 +36,7 @@ N_LAYER = 2
 def saved(tmp_path_factory) -> Path:
     """A save_pretrained folder (keys `transformer.*`) of a random 2-layer, 4-head model."""
     folder = tmp_path_factory.mktemp("saved")
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=N_LAYER, n_head=4, n_embd=64)).eval()
+    model = tiny_gpt2(n_layer=N_LAYER).eval()
     model.save_pretrained(folder)
     with torch.no_grad():
         np.save(folder / "hf_logits.npy", model(torch.tensor([PROMPT])).logits[0].numpy())

@@ -1,0 +1,73 @@
+"""The `EngineConfig` flags the command lines share (`launch.batch`, `launch.serve`), the engine options they
+give, and loading the engine from them.
+
+Invariants:
+- A flag's dest is its `EngineConfig` field name; an unset flag (None) leaves the field's default.
+- Each command line picks which fields it exposes, and their order in --help, by a tuple of field names.
+- Nothing here imports JAX until `load_engine` runs, so flag errors come before the slow import.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import TYPE_CHECKING
+
+from engine.config import EngineConfig
+
+if TYPE_CHECKING:
+    from engine.engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+def int_tuple(text: str) -> tuple[int, ...]:
+    """argparse type for comma-separated ints such as `16,64,256`."""
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints such as 16,64,256, got {text!r}") from None
+
+
+# EngineConfig field -> add_argument keywords (dtype is left to each command line: it has no help text)
+FLAGS: dict[str, dict] = {
+    "max_slots": dict(type=int, help="requests decoded together (cache slots)"),
+    "max_seq_len": dict(type=int, help="context positions per slot (prompt + output)"),
+    "decode_steps": dict(type=int, help="tokens per decode call"),
+    "prefill_buckets": dict(type=int_tuple, help="comma-separated padded prompt lengths"),
+    "prefill_token_budget": dict(type=int, help="tokens per prefill call"),
+    "mesh": dict(help="device mesh, e.g. data=2,model=4"),
+    "seed": dict(type=int, help="engine seed for requests without their own"),
+}
+
+
+class EngineLoadError(Exception):
+    """The model (or tokenizer) could not be loaded; the message names the model and the cause."""
+
+
+def add_engine_flags(group: argparse._ActionsContainer, fields: tuple[str, ...]) -> None:
+    """`--max-slots` style flags for `fields` (keys of FLAGS), in that order."""
+    for field in fields:
+        group.add_argument("--" + field.replace("_", "-"), **FLAGS[field])
+
+
+def engine_options(args: argparse.Namespace, fields: tuple[str, ...], parser: argparse.ArgumentParser) -> dict:
+    """EngineConfig keyword arguments from --dtype and the given `fields`; a bad value is a usage error
+    (exit 2) naming the field."""
+    options = {"dtype": args.dtype, **{f: getattr(args, f) for f in fields if getattr(args, f) is not None}}
+    try:
+        EngineConfig(**options)
+    except ValueError as e:
+        parser.error(str(e))
+    return options
+
+
+def load_engine(args: argparse.Namespace, options: dict) -> Engine:
+    """`Engine.from_pretrained` from --model, --tokenizer, --load-format and `options`; any failure is one
+    EngineLoadError (the traceback goes to the DEBUG log)."""
+    from engine.engine import Engine  # imports JAX: after the cheap checks
+
+    try:
+        return Engine.from_pretrained(args.model, tokenizer=args.tokenizer, load_format=args.load_format, **options)
+    except Exception as e:
+        log.debug("model load failed", exc_info=True)
+        raise EngineLoadError(f"cannot load model {args.model!r}: {e}") from None

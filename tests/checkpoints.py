@@ -1,0 +1,49 @@
+"""Tiny random GPT-2 checkpoints for the tests: a `transformers.GPT2LMHeadModel` written by `save_pretrained`
+(safetensors), plus the real GPT-2 tokenizer files from the shared data folder.
+
+Invariants: the weights depend only on `seed` and the config (torch's global RNG is seeded right before the
+model is built), so each test file that picks its own seed and sizes gets the same checkpoint every run.
+A missing tokenizer folder or a missing torch/transformers skips the calling test, naming what is missing.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "shared/data/gpt2-tokenizer"
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json")
+
+
+def require_tokenizer() -> Path:
+    """The shared GPT-2 tokenizer folder; skips the calling test when it is absent."""
+    if not TOKENIZER_DIR.is_dir():
+        pytest.skip(f"GPT-2 tokenizer files not found at {TOKENIZER_DIR}")
+    return TOKENIZER_DIR
+
+
+def copy_tokenizer(folder: Path, source: Path = TOKENIZER_DIR) -> None:
+    """Copies the GPT-2 tokenizer files from `source` (a tokenizer folder or a checkpoint) into `folder`."""
+    for name in TOKENIZER_FILES:
+        shutil.copy(source / name, folder / name)
+
+
+def tiny_gpt2(*, n_layer: int = 2, n_head: int = 4, n_embd: int = 64, seed: int = 0, **config):
+    """A random `GPT2LMHeadModel` (train mode, as constructed); `config` goes to `GPT2Config` as is."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                                                                **config))
+
+
+def make_tiny_checkpoint(folder: Path, *, with_tokenizer: bool = True, seed: int = 0, **config) -> Path:
+    """`folder` holding a `tiny_gpt2(seed=seed, **config)` checkpoint and, unless told otherwise, the
+    tokenizer files; returns `folder`."""
+    if with_tokenizer:
+        require_tokenizer()
+    tiny_gpt2(seed=seed, **config).save_pretrained(folder)
+    if with_tokenizer:
+        copy_tokenizer(folder)
+    return folder
