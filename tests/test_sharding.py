@@ -161,3 +161,19 @@ def test_sharded_engine_matches_unsharded(tiny_model, reference, data, model):
     assert [c.token_ids for c in engine.generate(PROMPTS, GREEDY)] == expected["greedy"]
     assert engine.runner.trace_count == traces  # the donated state came back in the same shardings
     assert_rules_applied(engine)
+
+
+def test_slot_compaction_on_a_data_sharded_mesh(tiny_model, reference, monkeypatch):
+    """Six short requests finish first; the two long ones (slots 6, 7) move to slots 0, 1 across `data`
+    shards, and their tokens equal the unsharded engine's."""
+    prompts = [[11 * i + 3] * (i + 2) for i in range(8)]
+    short = SamplingParams(max_new_tokens=2, temperature=0.0)
+    tail = [SamplingParams(max_new_tokens=12, temperature=0.0),
+            SamplingParams(max_new_tokens=12, temperature=0.9, seed=5)]
+    params = [short] * 6 + tail
+    expected = [c.token_ids for c in reference[0].generate(prompts, params)]
+    engine = Engine.from_pretrained(tiny_model, mesh=mesh_of(2, 4), **ENGINE_OPTS)
+    moves, real_move = [], engine.runner.move
+    monkeypatch.setattr(engine.runner, "move", lambda m: (moves.append(list(m)), real_move(m)))
+    assert [c.token_ids for c in engine.generate(prompts, params)] == expected
+    assert moves == [[(6, 0), (7, 1)]]
