@@ -56,7 +56,7 @@ class _Source:
             raise CheckpointError(f"{names}: missing key {missing[0]!r} ({len(missing)} of the {len(expected)} "
                                   f"keys expected for n_layer={cfg.n_layer} are missing)")
         for key, (handle, stored, path) in self.keys.items():
-            if _IGNORED_SHAPELESS(key):
+            if _is_buffer(key):
                 continue
             shape = tuple(handle.get_slice(stored).get_shape())
             if shape != hf_shape(key, cfg):
@@ -97,7 +97,8 @@ def _declared_size(path: Path) -> int | None:
         return None
 
 
-def _IGNORED_SHAPELESS(key: str) -> bool:
+def _is_buffer(key: str) -> bool:
+    """The attention mask buffers: ignored without a shape check (`lm_head.weight` is shape-checked)."""
     return is_ignored(key) and key != "lm_head.weight"
 
 
@@ -120,12 +121,13 @@ def _read_param(src: _Source, path: str, shape: tuple[int, ...], index: tuple[sl
         (h0, h1) = _span(index[0], cfg.n_head)
         rows = src.read(path, (slice(h0 * k, h1 * k), index[2]))
         return rows.reshape(h1 - h0, k, -1)[:, index[1]]
-    if path == "wte.weight":
+    if path == "wte.weight":  # rows from vocab_size on are zero padding
         v0, v1 = _span(index[0], shape[0])
-        real = src.read(path, (slice(v0, min(v1, cfg.vocab_size)), index[1])) if v0 < cfg.vocab_size else None
-        pad = np.zeros((max(0, v1 - max(v0, cfg.vocab_size)), real.shape[1] if real is not None else
-                        len(range(*index[1].indices(shape[1])))), np.float32)
-        return pad if real is None else np.concatenate([real, pad.astype(real.dtype)])
+        out = np.zeros((v1 - v0, len(range(*index[1].indices(shape[1])))), np.float32)
+        real_end = min(v1, cfg.vocab_size)
+        if v0 < real_end:
+            out[: real_end - v0] = src.read(path, (slice(v0, real_end), index[1]))
+        return out
     return src.read(path, index)
 
 
