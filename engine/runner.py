@@ -3,7 +3,11 @@
 Programs (a fixed set, all compiled by `warmup`):
   prefill(bucket T, rows B): the padded prompts' forward, their K/V inserted into their slots, the
       per-slot sampling state set, and the first token sampled, in one call;
-  decode(window W): k steps of every slot (`lax.scan`), sampling on device, attending to cache [0, W).
+  decode(window W, width N): k steps (`lax.scan`) of slots [0, N), sampling on device, attending to cache
+      positions [0, W) (whole KV blocks); the other slots are sliced off and put back untouched;
+  move(src, dst): copies every per-slot row (KV cache included) between slots, for the scheduler's
+      compaction of live requests into low slots (so N follows the number of live requests).
+Insert is fused into prefill: a separate insert program would materialise every prompt's K/V once more.
 `DecodeState` is donated to every program, so the cache is updated in place and never copied. Sampling
 parameters are per-slot arrays inside it: new values never recompile. The host gets back one small int
 array per call (plus logprob arrays, fetched only when a request asked for them).
