@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 
-from engine.engine import Engine, _as_prompt_list
+from engine.engine import Engine, as_prompt_list
 from engine.request_stream import Delta, EngineClosedError, QueueFullError, RequestStream, Sink
 from engine.requests import Completion, completion_of
 from engine.sampling import SamplingParams, broadcast_params
@@ -91,7 +91,7 @@ class AsyncEngine:
         """Queue the prompts' requests now; ValueError for a bad prompt or parameter, QueueFullError when
         `max_waiting` would be exceeded, EngineClosedError after shutdown."""
         loop = asyncio.get_running_loop()
-        prompts = _as_prompt_list(prompts)
+        prompts = as_prompt_list(prompts)
         per_prompt = broadcast_params(params, len(prompts))
         base = f"req{next(self._ids)}"
         with self._make_lock:

@@ -79,9 +79,7 @@ class Engine:
 
     def _scheduler_config(self) -> SchedulerConfig:
         ecfg = self.engine_config
-        buckets = tuple(b for b in ecfg.resolved_buckets() if b <= self.max_seq_len)
-        if buckets[-1] != self.max_seq_len:
-            buckets += (self.max_seq_len,)
+        buckets = ecfg.resolved_buckets()  # ecfg.max_seq_len is already clipped to the checkpoint's positions
         return SchedulerConfig(
             max_slots=ecfg.max_slots, max_seq_len=self.max_seq_len, decode_steps=ecfg.decode_steps,
             prefill_buckets=buckets, prefill_batch_sizes={b: ecfg.prefill_batch_sizes(b) for b in buckets},
@@ -105,7 +103,7 @@ class Engine:
     def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
                  params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Completion]:
         """Complete every prompt; one Completion per sample, grouped by prompt in input order."""
-        prompts = _as_prompt_list(prompts)
+        prompts = as_prompt_list(prompts)
         per_prompt = broadcast_params(params, len(prompts))
         groups = [self.requests.make(p, sp) for p, sp in zip(prompts, per_prompt)]
         flat = list(itertools.chain.from_iterable(groups))
@@ -154,7 +152,8 @@ def _locate(model, load_format: str) -> tuple[hf.Path | None, GPT2Config, str]:
     return folder, cfg, load_format
 
 
-def _as_prompt_list(prompts) -> list:
+def as_prompt_list(prompts) -> list:
+    """One prompt (text or token ids) or a list of them -> a non-empty list of prompts."""
     if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and _is_token(prompts[0])):
         return [prompts]
     prompts = list(prompts)

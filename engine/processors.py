@@ -45,12 +45,16 @@ def process_logits(logits: jax.Array, p: SlotParams, seen: jax.Array, counts: ja
     """Scores f32[S, V] to sample from; `seen` bool[S, V] marks prompt + generated tokens, `counts`
     i32[S, V] counts generated tokens only."""
     scores = logits.astype(jnp.float32)
-    penalised = (p.repetition_penalty != 1) | (p.presence_penalty != 0) | (p.frequency_penalty != 0)
     # Three [S, V] passes a step: skipped when no row uses a penalty (the common greedy batch job).
-    scores = jax.lax.cond(jnp.any(penalised), apply_penalties, lambda s, *_: s, scores, p, seen, counts)
+    scores = jax.lax.cond(jnp.any(uses_penalties(p)), apply_penalties, lambda s, *_: s, scores, p, seen, counts)
     greedy = p.temperature == 0
     warped = _truncate(apply_temperature(scores, p.temperature), p, greedy)
     return jnp.where(greedy[:, None], scores, warped)
+
+
+def uses_penalties(p: SlotParams) -> jax.Array:
+    """bool[S]: rows whose scores depend on `seen` / `counts`."""
+    return (p.repetition_penalty != 1) | (p.presence_penalty != 0) | (p.frequency_penalty != 0)
 
 
 def apply_penalties(scores: jax.Array, p: SlotParams, seen: jax.Array, counts: jax.Array) -> jax.Array:

@@ -25,7 +25,7 @@ from flax import nnx
 
 from engine.config import EngineConfig, GPT2Config
 from engine.kv_cache import CACHE_AXES, KVCache
-from engine.processors import process_logits, sample, top_logprobs
+from engine.processors import process_logits, sample, top_logprobs, uses_penalties
 from engine.sampling import MAX_LOGPROBS, SamplingParams, SlotParams, slot_params
 from engine.sharding import make_mesh, named_sharding, partition_spec, per_shard, replicated, tree_shardings
 
@@ -98,8 +98,7 @@ def _sample_step(logits, params: SlotParams, seen, counts, keys, steps, wants_lo
 
 def _mark(seen, counts, tokens):
     # A one-hot compare, not a scatter: elementwise, so with slots sharded over `data` every device updates
-    # its own rows with no collective (a scatter all-reduced [S/data, V] per step); the penalties already
-    # read these S x V arrays every step.
+    # its own rows with no collective (a scatter all-reduced [S/data, V] per step).
     hit = jnp.arange(seen.shape[1])[None, :] == tokens[:, None]
     return seen | hit, counts + hit.astype(counts.dtype)
 
@@ -197,7 +196,10 @@ class Runner:
                                   select=jnp.zeros(st.tokens.shape[0], jnp.int32))
             logits = self._full_vocab(logits, "slots")
             out = self._sample_slots(logits, st.params, st.seen, st.counts, st.keys, st.steps, st.wants_logprobs)
-            seen, counts = _mark(st.seen, st.counts, out.tokens)
+            # Only penalised rows ever read seen/counts, and a live penalised row keeps this true every
+            # step, so skipping the two [S, V] passes otherwise loses nothing.
+            seen, counts = jax.lax.cond(jnp.any(uses_penalties(st.params)), _mark, lambda s, c, _: (s, c),
+                                        st.seen, st.counts, out.tokens)
             cache = dataclasses.replace(cache, lengths=jnp.minimum(cache.lengths + 1, self.max_len))
             st = dataclasses.replace(st, cache=cache, tokens=out.tokens, steps=st.steps + 1, seen=seen,
                                      counts=counts)

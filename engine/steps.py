@@ -74,7 +74,7 @@ class StepRunner:
         out = self.runner.prefill(pack_prefill(batch, self.scheduler.config.max_slots))
         reqs = [r for _, r in batch.rows]
         host = _fetch(out, any(r.params.logprobs is not None for r in reqs))
-        extras = [_extra(r, host, row) for row, r in enumerate(reqs)]
+        extras = [_extra(r, host, row) for row, r in enumerate(reqs)] if "logprob" in host else None
         return self.scheduler.on_prefill_tokens(batch, host["tokens"][: len(reqs)].tolist(), extras)
 
     def _decode(self, batch: DecodeBatch) -> list[Update]:
@@ -82,5 +82,7 @@ class StepRunner:
         live = {s: self.scheduler.request_at(s) for s in batch.slots}
         host = _fetch(out, any(r is not None and r.params.logprobs is not None for r in live.values()))
         tokens = host["tokens"].tolist()
-        extras = [[_extra(live.get(s), host, (k, s)) for s in range(len(row))] for k, row in enumerate(tokens)]
+        extras = None  # per-token extras only when some live request asked for logprobs (k x S otherwise)
+        if "logprob" in host:
+            extras = [[_extra(live.get(s), host, (k, s)) for s in range(len(row))] for k, row in enumerate(tokens)]
         return self.scheduler.on_decode_tokens(tokens, extras)
