@@ -150,6 +150,12 @@ class EngineConfig:
             size *= 4
         return tuple(sizes + [cap])
 
+    def prefill_prompts(self, bucket: int, rows: int) -> int:
+        """Prompts one prefill call of `rows` x `bucket` tokens may pack (it samples a first token for each):
+        one per 2 x smallest-bucket tokens, at least one per row, at most max_slots."""
+        granule = 2 * self.prefill_buckets[0]
+        return min(self.max_slots, max(rows, rows * bucket // granule))
+
     def decode_windows(self, block: int) -> tuple[int, ...]:
         """Attention windows compiled for decode (the KV cache is read in whole blocks): every block
         multiple up to 4 blocks, then doubling, below the context; and the context itself."""

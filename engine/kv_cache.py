@@ -67,34 +67,30 @@ class KVCache:
         return self.k[0][0].shape[2]
 
     def write(self, layer: int, slots, positions, k: jax.Array, v: jax.Array) -> KVCache:
-        """Store k/v [B, H, T, K] of one layer.
+        """Store k/v [B, H, T, K] of one layer: token (b, t) goes to slot slots[b, t] at positions[b, t].
 
-        Prefill (`slots` [B] given): the rows' positions are 0..T-1 and go to those slots; rows whose slot
-        is out of range are dropped (padding rows). Decode (`slots` None): row b is slot b and writes its
-        positions[b, :]; positions past the cache are dropped.
-        """
+        `slots` None (decode): row b is slot b. Tokens whose slot or position is out of range are dropped
+        (prefill padding; decode positions past the cache)."""
+        blocks = len(self.k[layer])
         if slots is None:
-            new_k, new_v = self._scatter(self.k[layer], positions, k), self._scatter(self.v[layer], positions, v)
-        else:
-            new_k, new_v = self._prefix(self.k[layer], slots, k), self._prefix(self.v[layer], slots, v)
+            slots = jnp.arange(k.shape[0])[:, None]
+        else:  # prefill positions are < T: later blocks are untouched
+            blocks = min(blocks, math.ceil(k.shape[2] / self.block))
+        new_k = self._scatter(self.k[layer], blocks, slots, positions, k)
+        new_v = self._scatter(self.v[layer], blocks, slots, positions, v)
         return dataclasses.replace(self, k=_swap(self.k, layer, new_k), v=_swap(self.v, layer, new_v))
 
-    def _scatter(self, blocks: tuple[jax.Array, ...], positions, x: jax.Array) -> tuple[jax.Array, ...]:
-        rows, heads, size = x.shape[0], x.shape[1], self.block
-        slot_idx, head_idx = jnp.arange(rows)[:, None, None], jnp.arange(heads)[None, :, None]
-        out = []
-        for b, block in enumerate(blocks):
-            local = positions[:, None, :] - b * size
-            local = jnp.where((local >= 0) & (local < size), local, size)  # elsewhere: dropped
-            out.append(block.at[slot_idx, head_idx, local].set(x.astype(block.dtype), mode="drop"))
-        return tuple(out)
-
-    def _prefix(self, blocks: tuple[jax.Array, ...], slots, x: jax.Array) -> tuple[jax.Array, ...]:
-        size, t = self.block, x.shape[2]
+    def _scatter(self, blocks: tuple[jax.Array, ...], count: int, slots, positions, x: jax.Array) -> tuple[jax.Array, ...]:
+        """Writes into the first `count` blocks; the others are returned as they are."""
+        size, heads = self.block, x.shape[1]
+        slot_idx = jnp.broadcast_to(slots, positions.shape)[:, :, None]  # [B, T, 1]
+        head_idx = jnp.arange(heads)[None, None, :]
+        rows = x.transpose(0, 2, 1, 3).astype(blocks[0].dtype)  # [B, T, H, K]
         out = list(blocks)
-        for b in range(min(len(blocks), math.ceil(t / size))):
-            part = x[:, :, b * size: (b + 1) * size].astype(blocks[b].dtype)
-            out[b] = blocks[b].at[slots, :, : part.shape[2]].set(part, mode="drop")
+        for b in range(count):
+            local = positions - b * size
+            local = jnp.where((local >= 0) & (local < size), local, size)[:, :, None]  # elsewhere: dropped
+            out[b] = blocks[b].at[slot_idx, head_idx, local].set(rows, mode="drop")
         return tuple(out)
 
     def window(self, layer: int, size: int) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:

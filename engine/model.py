@@ -106,14 +106,17 @@ class OutProj(nnx.Module):
         return jnp.einsum("bthk,hkd->btd", o, self.weight[...]) + self.bias[...]
 
 
-def _attend(q: jax.Array, ks, vs, q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
+def _attend(q: jax.Array, ks, vs, q_pos: jax.Array, k_pos: jax.Array, segments=None) -> jax.Array:
     """q [B,H,T,K]; keys/values as blocks ks/vs [B,H,Wi,K] (W = sum Wi); q_pos [B,T], k_pos [B,W].
 
-    Returns [B,T,H,K]; a key is visible iff k_pos <= q_pos. Scores of all blocks share one softmax."""
+    Returns [B,T,H,K]; a key is visible iff k_pos <= q_pos and (with `segments` [B,T], keys = this call's
+    tokens) it belongs to the query's segment. Scores of all blocks share one softmax."""
     scores = jnp.concatenate([jnp.einsum("bhtk,bhwk->bhtw", q, k, preferred_element_type=jnp.float32)
                               for k in ks], axis=-1)
     scores = scores * (1.0 / jnp.sqrt(jnp.float32(q.shape[-1])))
     visible = k_pos[:, None, None, :] <= q_pos[:, None, :, None]
+    if segments is not None:
+        visible &= segments[:, None, None, :] == segments[:, None, :, None]
     probs = jax.nn.softmax(jnp.where(visible, scores, _NEG), axis=-1).astype(vs[0].dtype)
     out, start = None, 0
     for v in vs:
@@ -127,16 +130,17 @@ class Attention(nnx.Module):
         self.c_attn = QKV(cfg, dtype, rngs)
         self.c_proj = OutProj(cfg, dtype, rngs)
 
-    def __call__(self, x, positions, cache: KVCache | None, layer: int, slots, window: int | None):
-        """Self-attention over this call's tokens, or (window set) over the first `window` cache positions.
+    def __call__(self, x, positions, cache: KVCache | None, layer: int, slots, window: int | None, segments=None):
+        """Self-attention over this call's tokens (inside each segment when given), or (window set) over
+        the first `window` cache positions.
 
-        With a cache, this call's K/V are first written at (slot, position) for every row.
+        With a cache, this call's K/V are first written at (slot, position) for every token.
         """
         q, k, v = self.c_attn(x)
         if cache is not None:
             cache = cache.write(layer, slots, positions, k, v)
         if window is None:
-            out = _attend(q, (k,), (v,), positions, positions)
+            out = _attend(q, (k,), (v,), positions, positions, segments)
         else:
             k_win, v_win = cache.window(layer, window)
             width = sum(k.shape[2] for k in k_win)
@@ -161,8 +165,8 @@ class Block(nnx.Module):
         self.ln_2 = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, dtype)
         self.mlp = MLP(cfg, dtype, rngs)
 
-    def __call__(self, x, positions, cache, layer, slots, window):
-        a, cache = self.attn(self.ln_1(x), positions, cache, layer, slots, window)
+    def __call__(self, x, positions, cache, layer, slots, window, segments=None):
+        a, cache = self.attn(self.ln_1(x), positions, cache, layer, slots, window, segments)
         x = x + a
         return x + self.mlp(self.ln_2(x)), cache
 
@@ -182,18 +186,20 @@ class GPT2(nnx.Module):
         self.ln_f = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, dtype)
 
     def __call__(self, tokens, positions, cache: KVCache | None = None, *, slots=None, window=None,
-                 select=None):
-        """tokens/positions [B,T] -> (logits f32 [B,T,V] or [B,V] with `select` [B], cache).
+                 segments=None, select=None):
+        """tokens/positions [B,T] -> (logits f32 [B,T,V], or [N,V] for `select` [N] flat token indices
+        (row * T + column), cache).
 
-        cache None: plain causal forward. cache + `slots` [B]: rows write their K/V into those slots
-        (prefill; out-of-range slots are dropped). cache + `window`: rows are the cache slots in order
-        and attend to cache positions [0, window) (decode).
+        cache None: plain causal forward. cache + `slots` [B,T]: each token writes its K/V into its slot
+        at its position (prefill; out-of-range slots are dropped); `segments` [B,T] keeps attention
+        inside each packed prompt. cache + `window`: rows are the cache slots in order and attend to cache
+        positions [0, window) (decode).
         """
         x = self.wte.weight[...][tokens] + self.wpe.weight[...][positions]
         for layer, block in enumerate(self.h):
-            x, cache = block(x, positions, cache, layer, slots, window)
+            x, cache = block(x, positions, cache, layer, slots, window, segments)
         if select is not None:
-            x = jnp.take_along_axis(x, select[:, None, None], axis=1)[:, 0]
+            x = x.reshape(-1, x.shape[-1])[select]
         return self.logits(self.ln_f(x)), cache
 
     def logits(self, h: jax.Array) -> jax.Array:

@@ -1,8 +1,9 @@
 """The compiled programs and the on-device decode state they carry.
 
 Programs (a fixed set, all compiled by `warmup`):
-  prefill(bucket T, rows B): the padded prompts' forward, their K/V inserted into their slots, the
-      per-slot sampling state set, and the first token sampled, in one call;
+  prefill(bucket T, rows B): the forward of up to P prompts packed end to end into B rows of T tokens
+      (attention stays inside each prompt), their K/V scattered into their slots, the per-slot sampling
+      state set, and each prompt's first token sampled, in one call;
   decode(window W, width N): k steps (`lax.scan`) of slots [0, N), sampling on device, attending to cache
       positions [0, W) (whole KV blocks); the other slots are sliced off and put back untouched;
   move(src, dst): copies every per-slot row (KV cache included) between slots, for the scheduler's
@@ -65,14 +66,18 @@ class Sampled(NamedTuple):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PrefillRows:
-    """Host arrays for one prefill call, padded to `size` rows (padding rows use slot index S: dropped)."""
+    """Host arrays for one prefill call: B rows of T tokens holding up to P prompts packed end to end
+    (padding tokens: segment P; padding prompts: slot S, dropped)."""
 
     tokens: np.ndarray  # i32[B,T]
-    lengths: np.ndarray  # i32[B]
-    slots: np.ndarray  # i32[B]
-    params: SlotParams  # each [B]
-    keys: np.ndarray  # u32[B,2]
-    wants_logprobs: np.ndarray  # bool[B]
+    positions: np.ndarray  # i32[B,T] position of each token within its prompt
+    segments: np.ndarray  # i32[B,T] the prompt each token belongs to (attention stays inside a prompt)
+    lengths: np.ndarray  # i32[P]
+    last: np.ndarray  # i32[P] flat index (row * T + column) of each prompt's last token
+    slots: np.ndarray  # i32[P]
+    params: SlotParams  # each [P]
+    keys: np.ndarray  # u32[P,2]
+    wants_logprobs: np.ndarray  # bool[P]
 
 
 def neutral_params(rows: int) -> SlotParams:
@@ -153,24 +158,22 @@ class Runner:
 
     def _prefill_impl(self, params, state: DecodeState, rows: PrefillRows):
         self.trace_count += 1
-        b, t = rows.tokens.shape
-        v = self.cfg.padded_vocab_size
-        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        logits, cache = self._model(params)(rows.tokens, positions, state.cache, slots=rows.slots,
-                                            select=jnp.maximum(rows.lengths - 1, 0))
+        p, v, s = rows.slots.shape[0], self.cfg.padded_vocab_size, self.ecfg.max_slots
+        # Each token's K/V goes to its prompt's slot; padding tokens to slot S: dropped.
+        token_slots = jnp.where(rows.segments < p, rows.slots[jnp.minimum(rows.segments, p - 1)], s)
+        logits, cache = self._model(params)(rows.tokens, rows.positions, state.cache, slots=token_slots,
+                                            segments=rows.segments, select=rows.last)
         logits = self._full_vocab(logits, "rows")
-        # The prompt's tokens count as seen (repetition penalty); padding positions point past V: dropped.
-        in_prompt = positions < rows.lengths[:, None]
-        seen = jnp.zeros((b, v), bool).at[jnp.arange(b)[:, None], jnp.where(in_prompt, rows.tokens, v)].set(
-            True, mode="drop")
-        counts = jnp.zeros((b, v), jnp.int32)
-        out = _sample_step(logits, rows.params, seen, counts, rows.keys, jnp.zeros(b, jnp.int32),
+        # The prompt's tokens count as seen (repetition penalty); padding tokens are segment P: dropped.
+        seen = jnp.zeros((p, v), bool).at[rows.segments, rows.tokens].set(True, mode="drop")
+        counts = jnp.zeros((p, v), jnp.int32)
+        out = _sample_step(logits, rows.params, seen, counts, rows.keys, jnp.zeros(p, jnp.int32),
                            rows.wants_logprobs)
         seen, counts = _mark(seen, counts, out.tokens)
         put = functools.partial(_put_rows, rows.slots)
         state = DecodeState(
             cache=dataclasses.replace(cache, lengths=put(cache.lengths, rows.lengths)),
-            tokens=put(state.tokens, out.tokens), steps=put(state.steps, jnp.ones(b, jnp.int32)),
+            tokens=put(state.tokens, out.tokens), steps=put(state.steps, jnp.ones(p, jnp.int32)),
             keys=put(state.keys, rows.keys),
             params=SlotParams(*(put(a, r) for a, r in zip(state.params, rows.params))),
             wants_logprobs=put(state.wants_logprobs, rows.wants_logprobs),
@@ -193,7 +196,7 @@ class Runner:
         def step(st: DecodeState, _):
             positions = jnp.minimum(st.cache.lengths, last)[:, None]
             logits, cache = model(st.tokens[:, None], positions, st.cache, window=window,
-                                  select=jnp.zeros(st.tokens.shape[0], jnp.int32))
+                                  select=jnp.arange(st.tokens.shape[0]))
             logits = self._full_vocab(logits, "slots")
             out = self._sample_slots(logits, st.params, st.seen, st.counts, st.keys, st.steps, st.wants_logprobs)
             # Only penalised rows ever read seen/counts, and a live penalised row keeps this true every
@@ -221,16 +224,17 @@ class Runner:
     def move(self, moves: list[tuple[int, int]]) -> None:
         """Copy every per-slot row (KV cache included) from src to dst slot, for each (src, dst)."""
         s = self.ecfg.max_slots
-        src, dst = np.full(s, s, np.int32), np.full(s, s, np.int32)  # padding: slot S, dropped
+        src, dst = np.zeros(s, np.int32), np.zeros(s, np.int32)  # entries past len(moves) are not read
         for i, (a, b) in enumerate(moves):
             src[i], dst[i] = a, b
-        self.state = self._move(self.state, src, dst)
+        self.state = self._move(self.state, src, dst, np.int32(len(moves)))
 
     def warmup(self, buckets: tuple[int, ...], windows: tuple[int, ...], widths: tuple[int, ...] = ()) -> None:
         """Compile every program: each (bucket, batch size) prefill and each (window, width) decode."""
         for bucket in buckets:
             for size in self.ecfg.prefill_batch_sizes(bucket):
-                jax.block_until_ready(self.prefill(dummy_rows(size, bucket, self.ecfg.max_slots)))
+                prompts = self.ecfg.prefill_prompts(bucket, size)
+                jax.block_until_ready(self.prefill(dummy_rows(size, bucket, prompts, self.ecfg.max_slots)))
         for window in windows:
             for width in widths or (self.ecfg.max_slots,):
                 jax.block_until_ready(self.decode(window, width))
@@ -238,17 +242,23 @@ class Runner:
         jax.block_until_ready(self.state)
 
 
-def _move_rows(state: DecodeState, src, dst) -> DecodeState:
-    """Row dst of every per-slot array (dim 0) takes row src; out-of-range dst rows are dropped."""
-    last = src.shape[0] - 1
-    return jax.tree.map(lambda a: a.at[dst].set(a[jnp.minimum(src, last)], mode="drop"), state)
+def _move_rows(state: DecodeState, src, dst, count) -> DecodeState:
+    """Row dst[i] of every per-slot array (dim 0) takes row src[i], for i < count: one row copy per move
+    (a gather over all S rows would copy the whole cache for a handful of moves)."""
+    def one(i, st):
+        return jax.tree.map(lambda a: jax.lax.dynamic_update_index_in_dim(
+            a, jax.lax.dynamic_index_in_dim(a, src[i], 0), dst[i], 0), st)
+
+    return jax.lax.fori_loop(0, count, one, state)
 
 
 def _put_rows(slots, target, rows):
     return target.at[slots].set(rows.astype(target.dtype), mode="drop")
 
 
-def dummy_rows(size: int, bucket: int, num_slots: int) -> PrefillRows:
+def dummy_rows(size: int, bucket: int, prompts: int, num_slots: int) -> PrefillRows:
     """Padding-only rows (every slot index out of range): compiles a prefill program and changes nothing."""
-    return PrefillRows(np.zeros((size, bucket), np.int32), np.ones(size, np.int32), np.full(size, num_slots, np.int32),
-                       neutral_params(size), np.zeros((size, 2), np.uint32), np.zeros(size, bool))
+    return PrefillRows(np.zeros((size, bucket), np.int32), np.zeros((size, bucket), np.int32),
+                       np.full((size, bucket), prompts, np.int32), np.ones(prompts, np.int32),
+                       np.zeros(prompts, np.int32), np.full(prompts, num_slots, np.int32), neutral_params(prompts),
+                       np.zeros((prompts, 2), np.uint32), np.zeros(prompts, bool))

@@ -39,6 +39,9 @@ class SchedulerConfig:
     # Compiled decode widths: a call runs slots [0, n) for the smallest n here above the highest live
     # slot (empty: always max_slots). Admission fills the lowest free slot, so live slots stay low.
     decode_slot_counts: tuple[int, ...] = ()
+    # Prompts one prefill call may hold, per bucket, one entry per batch size (the program samples that
+    # many first tokens); prompts are packed several to a row when they fit. Empty: as many as rows.
+    prefill_prompts: dict[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prefill_buckets", tuple(self.prefill_buckets))
@@ -47,6 +50,8 @@ class SchedulerConfig:
         object.__setattr__(self, "decode_slot_counts", counts)
         sizes = {b: tuple(s) for b, s in dict(self.prefill_batch_sizes).items()}
         object.__setattr__(self, "prefill_batch_sizes", sizes)
+        prompts = {b: tuple(dict(self.prefill_prompts).get(b, s)) for b, s in sizes.items()}
+        object.__setattr__(self, "prefill_prompts", prompts)
         for field, problem in _config_problems(self):
             raise ValueError(f"SchedulerConfig.{field}: {problem}")
 
@@ -80,6 +85,9 @@ def _config_problems(c: SchedulerConfig) -> list[tuple[str, str]]:
     missing = [b for b in c.prefill_buckets if b not in c.prefill_batch_sizes]
     check("prefill_batch_sizes", not missing and all(_ascending(s, 1, 2**31) for s in c.prefill_batch_sizes.values()),
           f"a strictly increasing tuple of ints >= 1 for every bucket (missing buckets: {missing})")
+    caps_ok = all(len(c.prefill_prompts[b]) == len(s) and all(_is_int(p) and p >= n for p, n in zip(c.prefill_prompts[b], s))
+                  for b, s in c.prefill_batch_sizes.items() if b in c.prefill_prompts)
+    check("prefill_prompts", caps_ok, "for each bucket, one int >= its batch size per entry of prefill_batch_sizes")
     windows_ok = _ascending(c.decode_windows, 1, c.max_seq_len) and c.decode_windows[-1] == c.max_seq_len
     check("decode_windows", windows_ok, f"strictly increasing ints ending with max_seq_len={c.max_seq_len}")
     check("decode_slot_counts", _ascending(c.decode_slot_counts, 1, c.max_slots),
@@ -114,9 +122,20 @@ class Request:
 
 @dataclasses.dataclass(frozen=True)
 class PrefillBatch:
-    bucket: int  # padded prompt length
-    size: int  # padded row count, one of prefill_batch_sizes[bucket], >= len(rows)
-    rows: tuple[tuple[int, Request], ...]  # (slot, request), FIFO order
+    """One prefill call: `size` rows of `bucket` tokens holding the prompts of `rows` packed end to end
+    (prompt i at row places[i][0], starting at token places[i][1]); one first token sampled per prompt."""
+    bucket: int  # row length (tokens)
+    size: int  # padded row count, one of prefill_batch_sizes[bucket]
+    rows: tuple[tuple[int, Request], ...]  # (slot, request) per prompt, in sampling order
+    places: tuple[tuple[int, int], ...] = ()  # (row, offset) per prompt; empty: prompt i alone in row i
+    prompts: int = 0  # prompts the program samples (>= len(rows)); 0: size
+
+    @property
+    def capacity(self) -> int:
+        return self.prompts or self.size
+
+    def placement(self) -> tuple[tuple[int, int], ...]:
+        return self.places or tuple((i, 0) for i in range(len(self.rows)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,36 +217,56 @@ class Scheduler:
     # -- prefill ---------------------------------------------------------------------------------
 
     def schedule_prefills(self) -> list[PrefillBatch]:
-        """Admit waiting requests FIFO into free slots; group by bucket (ascending) and split into calls."""
-        by_bucket: dict[int, list[tuple[int, Request]]] = {}
+        """Admit waiting requests FIFO into free slots, then pack them into prefill calls (`_pack`)."""
+        admitted = []
         for slot in [i for i, r in enumerate(self._slots) if r is None]:
             if not self._waiting:
                 break
             request = self._waiting.popleft()
             request.slot = slot
             self._slots[slot] = request
-            by_bucket.setdefault(self.bucket_for(request.prompt_len), []).append((slot, request))
-        return [batch for bucket in sorted(by_bucket) for batch in self._split(bucket, by_bucket[bucket])]
+            admitted.append((slot, request))
+        return self._pack(admitted)
 
     def bucket_for(self, prompt_len: int) -> int:
         """The smallest prefill bucket >= prompt_len (add() guarantees one exists)."""
         return self.config.prefill_buckets[bisect.bisect_left(self.config.prefill_buckets, prompt_len)]
 
-    def _split(self, bucket: int, rows: list[tuple[int, Request]]) -> list[PrefillBatch]:
-        """Smallest allowed size that holds the remaining rows, else the largest allowed size, repeatedly."""
-        allowed, batches = self.config.prefill_batch_sizes[bucket], []
-        while rows:
-            size = next((s for s in allowed if s >= len(rows)), allowed[-1])
-            batches.append(PrefillBatch(bucket, size, tuple(rows[:size])))
-            rows = rows[size:]
+    def _pack(self, admitted: list[tuple[int, Request]]) -> list[PrefillBatch]:
+        """Longest prompt first: its bucket sets the row length of the next call, whose rows are filled
+        first-fit (a shorter prompt goes into the first row with room, so short prompts fill the gaps
+        that long ones leave) up to the bucket's largest row count and prompt capacity. The call takes
+        the smallest batch size holding its rows and prompts. Repeats until every prompt is placed."""
+        pending = sorted(admitted, key=lambda sr: -sr[1].prompt_len)
+        batches = []
+        while pending:
+            bucket = self.bucket_for(pending[0][1].prompt_len)
+            sizes, caps = self.config.prefill_batch_sizes[bucket], self.config.prefill_prompts[bucket]
+            used: list[int] = []  # tokens taken in each row
+            rows, places, rest = [], [], []
+            for slot, request in pending:  # all fit a row: the first one is the longest
+                n = request.prompt_len
+                row = next((i for i, u in enumerate(used) if u + n <= bucket), None)
+                if row is None and len(used) < sizes[-1]:
+                    row = len(used)
+                    used.append(0)
+                if row is None or len(rows) == caps[-1]:
+                    rest.append((slot, request))
+                    continue
+                rows.append((slot, request))
+                places.append((row, used[row]))
+                used[row] += n
+            k = next(i for i, (s, c) in enumerate(zip(sizes, caps)) if s >= len(used) and c >= len(rows))
+            batches.append(PrefillBatch(bucket, sizes[k], tuple(rows), tuple(places), caps[k]))
+            pending = rest
         return batches
 
     def on_prefill_tokens(self, batch: PrefillBatch, tokens: Sequence[int],
                           extras: Sequence | None = None) -> list[Update]:
-        """Accept the first sampled token of each row; tokens (and extras) are indexed by row."""
-        if len(tokens) not in (len(batch.rows), batch.size):
+        """Accept the first sampled token of each prompt; tokens (and extras) are indexed by prompt."""
+        if len(tokens) not in (len(batch.rows), batch.capacity):
             raise ValueError(f"on_prefill_tokens: got {len(tokens)} tokens for a batch of {len(batch.rows)} "
-                             f"rows (padded size {batch.size}); pass one token per row")
+                             f"prompts (capacity {batch.capacity}); pass one token per prompt")
         updates = []
         for row, (slot, request) in enumerate(batch.rows):
             if self._slots[slot] is not request or request.output_token_ids:

@@ -17,21 +17,27 @@ from engine.scheduler import DecodeBatch, PrefillBatch, Request, Scheduler, Upda
 
 
 def pack_prefill(batch: PrefillBatch, num_slots: int) -> PrefillRows:
-    """Host arrays for a prefill call: rows right-padded to the bucket, padding rows aimed at slot S."""
-    size, reqs = batch.size, [r for _, r in batch.rows]
-    tokens = np.zeros((size, batch.bucket), np.int32)
-    lengths = np.ones(size, np.int32)
-    slots = np.full(size, num_slots, np.int32)
-    keys = np.zeros((size, 2), np.uint32)
-    wants = np.zeros(size, bool)
-    for row, (slot, req) in enumerate(batch.rows):
-        tokens[row, : req.prompt_len] = req.prompt_token_ids
-        lengths[row], slots[row] = req.prompt_len, slot
-        keys[row] = seed_key_data(req.seed)
-        wants[row] = req.params.logprobs is not None
-    real, pad = slot_params([r.params for r in reqs]), neutral_params(size - len(reqs))
+    """Host arrays for a prefill call: each prompt's tokens at its (row, offset), positions counting from 0
+    per prompt; padding tokens carry segment P (the prompt capacity), padding prompts slot S (dropped)."""
+    rows, width, cap = batch.size, batch.bucket, batch.capacity
+    tokens = np.zeros((rows, width), np.int32)
+    positions = np.zeros((rows, width), np.int32)
+    segments = np.full((rows, width), cap, np.int32)
+    lengths, last = np.ones(cap, np.int32), np.zeros(cap, np.int32)
+    slots = np.full(cap, num_slots, np.int32)
+    keys = np.zeros((cap, 2), np.uint32)
+    wants = np.zeros(cap, bool)
+    for i, ((slot, req), (row, start)) in enumerate(zip(batch.rows, batch.placement())):
+        end = start + req.prompt_len
+        tokens[row, start:end] = req.prompt_token_ids
+        positions[row, start:end] = np.arange(req.prompt_len)
+        segments[row, start:end] = i
+        lengths[i], last[i], slots[i] = req.prompt_len, row * width + end - 1, slot
+        keys[i] = seed_key_data(req.seed)
+        wants[i] = req.params.logprobs is not None
+    real, pad = slot_params([r.params for _, r in batch.rows]), neutral_params(cap - len(batch.rows))
     params = SlotParams(*(np.concatenate([a, b]) for a, b in zip(real, pad)))
-    return PrefillRows(tokens, lengths, slots, params, keys, wants)
+    return PrefillRows(tokens, positions, segments, lengths, last, slots, params, keys, wants)
 
 
 def _extra(req: Request | None, out: dict, index) -> TokenLogprob | None:

@@ -204,6 +204,23 @@ def test_cached_decode_equals_full_recompute(engine):
         np.testing.assert_allclose([v for _, v in entry.top], logp[top], atol=1e-4)
 
 
+def test_packed_prompts_equal_prompts_run_alone(engine, monkeypatch):
+    """The 40- and 20-token prompts share one 64-token prefill row (attention and K/V stay per prompt,
+    positions restart at 0): first tokens, continuations and logprobs equal each prompt run alone."""
+    params = dataclasses.replace(GREEDY, max_new_tokens=6, logprobs=3, repetition_penalty=1.2)
+    alone = [engine.generate(p, params)[0] for p in (PROMPTS[3], PROMPTS[2])]
+    calls, real = [], engine.scheduler.schedule_prefills
+    monkeypatch.setattr(engine.scheduler, "schedule_prefills", lambda: calls.append(real()) or calls[-1])
+    packed = engine.generate([PROMPTS[3], PROMPTS[2]], params)
+    assert [(b.bucket, b.size, list(b.places)) for b in calls[0]] == [(64, 1, [(0, 0), (0, 40)])]
+    for a, b in zip(alone, packed):
+        assert a.token_ids == b.token_ids
+        for x, y in zip(a.logprobs, b.logprobs):
+            assert x.token_id == y.token_id and [t for t, _ in x.top] == [t for t, _ in y.top]
+            np.testing.assert_allclose([x.logprob] + [v for _, v in x.top], [y.logprob] + [v for _, v in y.top],
+                                       atol=1e-5)
+
+
 def test_greedy_ignores_batch_mates(engine):
     prompt = PROMPTS[1]
     alone = engine.generate(prompt, GREEDY)[0].token_ids

@@ -130,20 +130,47 @@ def test_continuous_batching_refills_a_freed_slot_at_once():
     assert sched.schedule_decode().slots == (0, 1)
 
 
-def test_bucket_grouping_and_batch_size_splitting():
-    sched = Scheduler(make_config(max_slots=16))
-    lengths = [3, 9, 4, 1, 5, 12, 2, 8, 4, 3, 6, 16]  # buckets 4,16,4,4,8,16,4,8,4,4,8,16
-    for i, n in enumerate(lengths):
+LENGTHS = [3, 9, 4, 1, 5, 12, 2, 8, 4, 3, 6, 16]  # slots 0..11; buckets 4,16,4,4,8,16,4,8,4,4,8,16
+
+
+def scheduled(sched: Scheduler) -> list:
+    for i, n in enumerate(LENGTHS):
         sched.add(make_request(f"r{i}", prompt_len=n))
     batches = sched.schedule_prefills()
-    got = [(b.bucket, b.size, [s for s, _ in b.rows]) for b in batches]
-    assert got == [
-        (4, 4, [0, 2, 3, 6]), (4, 2, [8, 9]),  # 6 rows: largest (4), then the smallest size >= 2
-        (8, 4, [4, 7, 10]),  # 3 rows padded to 4
-        (16, 1, [1]), (16, 1, [5]), (16, 1, [11]),
-    ]
     for b in batches:
-        assert all(r.slot == s and sched.bucket_for(r.prompt_len) == b.bucket for s, r in b.rows)
+        assert all(r.slot == s and r.prompt_len <= b.bucket for s, r in b.rows)
+        assert len(b.rows) <= b.capacity and b.size in sched.config.prefill_batch_sizes[b.bucket]
+    return batches
+
+
+def test_prefill_calls_longest_first_one_prompt_per_row_by_default():
+    """Without prefill_prompts a call holds as many prompts as rows: the longest prompt sets each call's
+    bucket, rows fill up to the bucket's largest size, then the smallest size holding them is taken."""
+    batches = scheduled(Scheduler(make_config(max_slots=16)))
+    got = [(b.bucket, b.size, [s for s, _ in b.rows]) for b in batches]
+    assert got == [(16, 1, [11]), (16, 1, [5]), (16, 1, [1]), (8, 4, [7, 10, 4, 2]), (4, 4, [8, 0, 9, 6]),
+                   (4, 1, [3])]
+
+
+def test_prefill_packs_short_prompts_into_the_gaps_of_rows():
+    """With room for more prompts than rows, shorter prompts go first-fit into rows that still have space."""
+    caps = {4: (2, 4, 8), 8: (2, 8), 16: (4,)}
+    batches = scheduled(Scheduler(make_config(max_slots=16, prefill_prompts=caps)))
+    got = [(b.bucket, b.size, [s for s, _ in b.rows], list(b.places)) for b in batches]
+    assert got == [
+        (16, 1, [11], [(0, 0)]),
+        (16, 1, [5, 2], [(0, 0), (0, 12)]),  # 12 + 4 tokens fill the row
+        (16, 1, [1, 10, 3], [(0, 0), (0, 9), (0, 15)]),
+        (8, 4, [7, 4, 8, 0, 9, 6], [(0, 0), (1, 0), (2, 0), (1, 5), (2, 4), (3, 0)]),
+    ]
+    assert [b.capacity for b in batches] == [4, 4, 4, 8]
+
+
+def test_prefill_prompts_must_cover_the_batch_sizes():
+    with pytest.raises(ValueError, match="prefill_prompts"):
+        make_config(prefill_prompts={4: (1, 1, 4)})
+    with pytest.raises(ValueError, match="prefill_prompts"):
+        make_config(prefill_prompts={4: (2, 4)})
 
 
 def test_split_prefers_the_smallest_size_that_holds_the_rest():
@@ -202,7 +229,7 @@ def test_decode_protocol_errors():
     with pytest.raises(ValueError, match="got 1 steps of tokens; expected decode_steps=2"):
         sched.on_decode_tokens([[1] * 4])
     batch = PrefillBatch(bucket=4, size=2, rows=((3, make_request("x")),))
-    with pytest.raises(ValueError, match="got 3 tokens for a batch of 1 rows .padded size 2"):
+    with pytest.raises(ValueError, match="got 3 tokens for a batch of 1 prompts .capacity 2"):
         sched.on_prefill_tokens(batch, [1, 2, 3])
 
 
@@ -352,7 +379,7 @@ class FakeRunner:
     sampled: dict[int, int] = dataclasses.field(default_factory=dict)
 
     def prefill(self, batch: PrefillBatch) -> list[int]:
-        assert len(batch.rows) <= batch.size in self.config.prefill_batch_sizes[batch.bucket]
+        assert len(batch.rows) <= batch.capacity and batch.size in self.config.prefill_batch_sizes[batch.bucket]
         out = []
         for slot, req in batch.rows:
             assert req.prompt_len <= batch.bucket
