@@ -84,6 +84,7 @@ class Engine:
             max_slots=ecfg.max_slots, max_seq_len=self.max_seq_len, decode_steps=ecfg.decode_steps,
             prefill_buckets=buckets, prefill_batch_sizes={b: ecfg.prefill_batch_sizes(b) for b in buckets},
             prefill_prompts={b: tuple(ecfg.prefill_prompts(b, n) for n in ecfg.prefill_batch_sizes(b)) for b in buckets},
+            prefill_attention_cost=1 / (6 * self.config.n_embd),
             decode_windows=ecfg.decode_windows(block_size(self.max_seq_len)),
             decode_slot_counts=ecfg.decode_widths(self.mesh.shape["data"]), eos_token_id=self.config.eos_token_id)
 

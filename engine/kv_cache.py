@@ -66,16 +66,17 @@ class KVCache:
     def block(self) -> int:
         return self.k[0][0].shape[2]
 
-    def write(self, layer: int, slots, positions, k: jax.Array, v: jax.Array) -> KVCache:
+    def write(self, layer: int, slots, positions, k: jax.Array, v: jax.Array, limit: int | None = None) -> KVCache:
         """Store k/v [B, H, T, K] of one layer: token (b, t) goes to slot slots[b, t] at positions[b, t].
 
         `slots` None (decode): row b is slot b. Tokens whose slot or position is out of range are dropped
-        (prefill padding; decode positions past the cache)."""
+        (prefill padding; decode positions past the cache). `limit` (static): every position is below it,
+        so blocks past it are not touched (prefill: T; decode: the window)."""
         blocks = len(self.k[layer])
+        if limit is not None:
+            blocks = min(blocks, math.ceil(limit / self.block))
         if slots is None:
             slots = jnp.arange(k.shape[0])[:, None]
-        else:  # prefill positions are < T: later blocks are untouched
-            blocks = min(blocks, math.ceil(k.shape[2] / self.block))
         new_k = self._scatter(self.k[layer], blocks, slots, positions, k)
         new_v = self._scatter(self.v[layer], blocks, slots, positions, v)
         return dataclasses.replace(self, k=_swap(self.k, layer, new_k), v=_swap(self.v, layer, new_v))

@@ -138,7 +138,8 @@ class Attention(nnx.Module):
         """
         q, k, v = self.c_attn(x)
         if cache is not None:
-            cache = cache.write(layer, slots, positions, k, v)
+            # Positions are below T in prefill and below the window in decode.
+            cache = cache.write(layer, slots, positions, k, v, limit=window or x.shape[1])
         if window is None:
             out = _attend(q, (k,), (v,), positions, positions, segments)
         else:

@@ -48,6 +48,11 @@ def process_logits(logits: jax.Array, p: SlotParams, seen: jax.Array, counts: ja
     # Three [S, V] passes a step: skipped when no row uses a penalty (the common greedy batch job).
     scores = jax.lax.cond(jnp.any(uses_penalties(p)), apply_penalties, lambda s, *_: s, scores, p, seen, counts)
     greedy = p.temperature == 0
+    # All-greedy calls (the common batch job) skip the warpers' [S, V] passes.
+    return jax.lax.cond(jnp.all(greedy), lambda s, *_: s, _warp_sampling_rows, scores, p, greedy)
+
+
+def _warp_sampling_rows(scores: jax.Array, p: SlotParams, greedy: jax.Array) -> jax.Array:
     warped = _truncate(apply_temperature(scores, p.temperature), p, greedy)
     return jnp.where(greedy[:, None], scores, warped)
 
@@ -189,11 +194,24 @@ def _from_key(key: jax.Array) -> jax.Array:
 def sample(scores: jax.Array, key_data: jax.Array, steps: jax.Array, greedy: jax.Array) -> jax.Array:
     """One token i32[S] per row. Greedy rows take the argmax (ties -> lowest token id); the others draw
     from softmax(scores) with key fold_in(key_data[s], steps[s]) (key_data u32[S, 2], raw threefry)."""
-    best = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+    best = argmax_rows(scores)
     # All-greedy calls (common in batch jobs) skip the S x V random draws entirely.
     drawn = jax.lax.cond(greedy.all(), lambda: best,
                          lambda: jax.vmap(_draw)(scores, key_data, steps).astype(jnp.int32))
     return jnp.where(greedy, best, drawn)
+
+
+def argmax_rows(x: jax.Array, chunk: int = 128) -> jax.Array:
+    """jnp.argmax(x, -1) as i32 (first index of the maximum), for x [S, V]: the maximum of each `chunk` of
+    the row first, then the argmax inside the first chunk holding it. Same result, but XLA:CPU's fused
+    (value, index) reduction over [64, 50304] took ~7 ms a decode step; this takes ~0.3 ms."""
+    rows, vocab = x.shape
+    if vocab % chunk:
+        return jnp.argmax(x, axis=-1).astype(jnp.int32)
+    chunks = x.reshape(rows, vocab // chunk, chunk)
+    first = jnp.argmax(chunks.max(axis=-1), axis=-1)  # the lowest chunk holding the row maximum
+    inside = jnp.take_along_axis(chunks, first[:, None, None], axis=1)[:, 0]
+    return (first * chunk + jnp.argmax(inside, axis=-1)).astype(jnp.int32)
 
 
 def _draw(row: jax.Array, key_data: jax.Array, step: jax.Array) -> jax.Array:

@@ -42,6 +42,9 @@ class SchedulerConfig:
     # Prompts one prefill call may hold, per bucket, one entry per batch size (the program samples that
     # many first tokens); prompts are packed several to a row when they fit. Empty: as many as rows.
     prefill_prompts: dict[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    # Cost of one attention pair relative to one token's weight matmuls (GPT-2: 4 d / (24 d^2) = 1/(6 d)):
+    # weighs a longer packed row (more prompts, quadratic attention) against a shorter one.
+    prefill_attention_cost: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prefill_buckets", tuple(self.prefill_buckets))
@@ -233,33 +236,45 @@ class Scheduler:
         return self.config.prefill_buckets[bisect.bisect_left(self.config.prefill_buckets, prompt_len)]
 
     def _pack(self, admitted: list[tuple[int, Request]]) -> list[PrefillBatch]:
-        """Longest prompt first: its bucket sets the row length of the next call, whose rows are filled
-        first-fit (a shorter prompt goes into the first row with room, so short prompts fill the gaps
-        that long ones leave) up to the bucket's largest row count and prompt capacity. The call takes
-        the smallest batch size holding its rows and prompts. Repeats until every prompt is placed."""
+        """Longest prompt first: the next call's row length is its bucket or the next one up, whichever
+        computes fewer tokens per prompt token (`_fill`; longer rows pack more prompts but cost more
+        attention). Repeats until every prompt is placed."""
         pending = sorted(admitted, key=lambda sr: -sr[1].prompt_len)
-        batches = []
+        buckets, batches = self.config.prefill_buckets, []
         while pending:
-            bucket = self.bucket_for(pending[0][1].prompt_len)
-            sizes, caps = self.config.prefill_batch_sizes[bucket], self.config.prefill_prompts[bucket]
-            used: list[int] = []  # tokens taken in each row
-            rows, places, rest = [], [], []
-            for slot, request in pending:  # all fit a row: the first one is the longest
-                n = request.prompt_len
-                row = next((i for i, u in enumerate(used) if u + n <= bucket), None)
-                if row is None and len(used) < sizes[-1]:
-                    row = len(used)
-                    used.append(0)
-                if row is None or len(rows) == caps[-1]:
-                    rest.append((slot, request))
-                    continue
-                rows.append((slot, request))
-                places.append((row, used[row]))
-                used[row] += n
-            k = next(i for i, (s, c) in enumerate(zip(sizes, caps)) if s >= len(used) and c >= len(rows))
-            batches.append(PrefillBatch(bucket, sizes[k], tuple(rows), tuple(places), caps[k]))
-            pending = rest
+            first = bisect.bisect_left(buckets, pending[0][1].prompt_len)
+            options = [self._fill(b, pending) for b in buckets[first: first + 2]]
+            batch, pending = min(options, key=lambda o: self._cost(o[0]))
+            batches.append(batch)
         return batches
+
+    def _fill(self, bucket: int, pending: list[tuple[int, Request]]) -> tuple[PrefillBatch, list]:
+        """One call of rows of `bucket` tokens filled first-fit from `pending` (longest first, so a shorter
+        prompt goes into the first row with room and short prompts fill the gaps long ones leave), up to
+        the bucket's largest row count and prompt capacity; it takes the smallest batch size that holds its
+        rows and prompts. Returns the call and the prompts left over."""
+        sizes, caps = self.config.prefill_batch_sizes[bucket], self.config.prefill_prompts[bucket]
+        used: list[int] = []  # tokens taken in each row
+        rows, places, rest = [], [], []
+        for slot, request in pending:
+            n = request.prompt_len
+            row = next((i for i, u in enumerate(used) if u + n <= bucket), None)
+            if row is None and len(used) < sizes[-1] and n <= bucket:
+                row = len(used)
+                used.append(0)
+            if row is None or len(rows) == caps[-1]:
+                rest.append((slot, request))
+                continue
+            rows.append((slot, request))
+            places.append((row, used[row]))
+            used[row] += n
+        k = next(i for i, (s, c) in enumerate(zip(sizes, caps)) if s >= len(used) and c >= len(rows))
+        return PrefillBatch(bucket, sizes[k], tuple(rows), tuple(places), caps[k]), rest
+
+    def _cost(self, batch: PrefillBatch) -> float:
+        """Relative compute per prompt token: each row costs T tokens of weights plus T^2 attention pairs."""
+        per_row = batch.bucket * (1 + batch.bucket * self.config.prefill_attention_cost)
+        return batch.size * per_row / sum(r.prompt_len for _, r in batch.rows)
 
     def on_prefill_tokens(self, batch: PrefillBatch, tokens: Sequence[int],
                           extras: Sequence | None = None) -> list[Update]:

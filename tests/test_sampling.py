@@ -17,7 +17,7 @@ from transformers.generation.logits_process import (
 )
 
 from engine import processors
-from engine.processors import process_logits, sample, top_logprobs
+from engine.processors import argmax_rows, process_logits, sample, top_logprobs
 from engine.sampling import SamplingParams, SlotParams, broadcast_params, seed_key_data, slot_params
 
 PAD = 4  # trailing padded vocab entries, -inf like the engine's padded logits
@@ -378,3 +378,17 @@ def test_new_parameter_values_never_recompile():
         tokens = step(logits, slot_params(params), seen, counts, keys([i] * 4), np.full(4, i, np.int32))
         assert tokens.shape == (4,) and tokens.dtype == jnp.int32
     assert len(traces) == 1
+
+
+def test_argmax_rows_equals_argmax_with_ties_and_padding():
+    """The chunked argmax returns jnp.argmax's index (the first maximum) also for ties across and within
+    chunks, -inf padding, and a vocab that is not a multiple of the chunk."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 512)).astype(np.float32)
+    x[1, [7, 300]] = 9.0  # tie across chunks
+    x[2, [130, 131]] = 9.0  # tie inside one chunk
+    x[3, 400:] = -np.inf
+    x[4] = 0.0  # all equal
+    x[5, 511] = 50.0  # last entry
+    for arr in (x, x[:, :500]):
+        np.testing.assert_array_equal(np.asarray(argmax_rows(jnp.asarray(arr))), np.argmax(arr, axis=-1))

@@ -153,17 +153,23 @@ def test_prefill_calls_longest_first_one_prompt_per_row_by_default():
 
 
 def test_prefill_packs_short_prompts_into_the_gaps_of_rows():
-    """With room for more prompts than rows, shorter prompts go first-fit into rows that still have space."""
+    """With room for more prompts than rows, shorter prompts go first-fit into rows that still have space.
+    Each call's row length is the longest prompt's bucket or the next one up, whichever computes fewer
+    tokens per prompt token once attention (quadratic in the row length) is priced in."""
     caps = {4: (2, 4, 8), 8: (2, 8), 16: (4,)}
-    batches = scheduled(Scheduler(make_config(max_slots=16, prefill_prompts=caps)))
+    batches = scheduled(Scheduler(make_config(max_slots=16, prefill_prompts=caps, prefill_attention_cost=0.1)))
     got = [(b.bucket, b.size, [s for s, _ in b.rows], list(b.places)) for b in batches]
     assert got == [
         (16, 1, [11], [(0, 0)]),
         (16, 1, [5, 2], [(0, 0), (0, 12)]),  # 12 + 4 tokens fill the row
         (16, 1, [1, 10, 3], [(0, 0), (0, 9), (0, 15)]),
+        # 8 + 5 + 3 tokens would fill a 16-row, but four 8-rows cost less attention for 25 prompt tokens
         (8, 4, [7, 4, 8, 0, 9, 6], [(0, 0), (1, 0), (2, 0), (1, 5), (2, 4), (3, 0)]),
     ]
     assert [b.capacity for b in batches] == [4, 4, 4, 8]
+    free_attention = scheduled(Scheduler(make_config(max_slots=16, prefill_prompts=caps)))
+    assert [(b.bucket, b.size, [s for s, _ in b.rows]) for b in free_attention][3:] == [
+        (16, 1, [7, 4, 0]), (4, 4, [8, 9, 6])]
 
 
 def test_prefill_prompts_must_cover_the_batch_sizes():
