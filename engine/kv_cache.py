@@ -1,10 +1,13 @@
 """The preallocated KV cache: a fixed-shape pytree updated in place under jit (the cache is donated).
 
 Logically `k`, `v` are [L, S, H, M, K] (layers, slots, heads, positions, head dim) and `lengths` [S] int32
-counts the positions of each slot that hold real K/V. Physically each layer's positions are split into
-blocks of `BLOCK` positions, one array [S, H, BLOCK, K] per (layer, block): a decode program attending to
-the first W positions reads the first ceil(W / BLOCK) arrays whole. (Slicing a window out of one
-[S, H, M, K] array makes XLA:CPU copy it first, which costs more than the attention itself.)
+counts the positions of each slot that hold real K/V. Physically each layer is split twice:
+- slots into G groups of consecutive slots (G = `slot_groups`: 4 when the slots are not split over a
+  `data` mesh axis), so decode attends group by group: independent products XLA:CPU runs side by side,
+  and each group reads only the blocks its own live slots reach (slots of similar length share a group);
+- positions into blocks of `BLOCK`, one array [S/G, H, BLOCK, K] per (layer, group, block): attending to
+  the first W positions reads the first ceil(W / BLOCK) arrays whole. (Slicing a window or a slot range out
+  of a bigger array makes XLA:CPU copy it first, which costs more than the attention itself.)
 Positions are per slot: every request starts at 0. Entries at or past a slot's length are stale and always
 masked by position, never cleared.
 """
@@ -19,70 +22,114 @@ import jax.numpy as jnp
 from engine.config import GPT2Config
 
 BLOCK = 128  # cache positions per block array
+GROUPS = 4  # slot groups per layer when the slots are not split over devices
 CACHE_AXES = ("slots", "heads", "positions", "head_dim")  # of each block array
 
-Blocks = tuple[tuple[jax.Array, ...], ...]  # [layer][block] -> [S, H, block, K]
+Groups = tuple[tuple[jax.Array, ...], ...]  # [group][block] -> [S/G, H, block, K]
+Layers = tuple[Groups, ...]  # [layer]
 
 
 def block_size(max_len: int) -> int:
     return min(BLOCK, max_len)
 
 
+def slot_groups(slots: int, data: int = 1) -> int:
+    """Slot groups per layer: GROUPS (or 2) when they divide the slots and the slots are not sharded over
+    `data` (a group split across devices would move rows between them every layer), else 1."""
+    if data > 1:
+        return 1
+    return next(g for g in (GROUPS, 2, 1) if slots % g == 0)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    k: Blocks
-    v: Blocks
+    k: Layers
+    v: Layers
     lengths: jax.Array
 
     @classmethod
-    def create(cls, cfg: GPT2Config, slots: int, max_len: int, dtype=jnp.float32, shardings=None) -> KVCache:
-        """Zeros for `max_len` positions per slot; `shardings` (one block array's, lengths') places them
-        straight on a mesh."""
+    def create(cls, cfg: GPT2Config, slots: int, max_len: int, dtype=jnp.float32, shardings=None,
+               groups: int = 1) -> KVCache:
+        """Zeros for `max_len` positions per slot in `groups` slot groups; `shardings` (one block array's,
+        lengths') places them straight on a mesh."""
         size = block_size(max_len)
-        shape = (slots, cfg.n_head, size, cfg.head_dim)
+        shape = (slots // groups, cfg.n_head, size, cfg.head_dim)
         kv_sharding, len_sharding = shardings if shardings is not None else (None, None)
         zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=kv_sharding)
         blocks = math.ceil(max_len / size)
 
-        def layers() -> Blocks:
-            return tuple(tuple(zeros() for _ in range(blocks)) for _ in range(cfg.n_layer))
+        def layers() -> Layers:
+            return tuple(tuple(tuple(zeros() for _ in range(blocks)) for _ in range(groups))
+                         for _ in range(cfg.n_layer))
 
         lengths = jax.jit(lambda: jnp.zeros((slots,), jnp.int32), out_shardings=len_sharding)()
         return cls(layers(), layers(), lengths)
 
     @classmethod
-    def tree_of(cls, cfg: GPT2Config, max_len: int, leaf, lengths_leaf) -> KVCache:
+    def tree_of(cls, cfg: GPT2Config, max_len: int, leaf, lengths_leaf, groups: int = 1) -> KVCache:
         """A KVCache-shaped tree with `leaf` at every block (for axes or shardings trees)."""
         blocks = math.ceil(max_len / block_size(max_len))
-        tree = tuple(tuple(leaf for _ in range(blocks)) for _ in range(cfg.n_layer))
+        tree = tuple(tuple(tuple(leaf for _ in range(blocks)) for _ in range(groups)) for _ in range(cfg.n_layer))
         return cls(tree, tree, lengths_leaf)
 
     @property
     def num_slots(self) -> int:
-        return self.k[0][0].shape[0]
+        return sum(self.group_sizes)
+
+    @property
+    def group_sizes(self) -> tuple[int, ...]:
+        return tuple(g[0].shape[0] for g in self.k[0])
 
     @property
     def block(self) -> int:
-        return self.k[0][0].shape[2]
+        return self.k[0][0][0].shape[2]
+
+    def head_sizes(self, width: int) -> tuple[int, ...]:
+        """Slots per group of `head(width)`."""
+        out, start = [], 0
+        for n in self.group_sizes:
+            if start < width:
+                out.append(min(n, width - start))
+            start += n
+        return tuple(out)
+
+    def group_blocks(self, width: int, window: int, reach=None) -> list[int]:
+        """Blocks each group of `head(width)` reads so that every slot sees positions [0, reach[slot])
+        (host ints; a group with nothing to read gets 0); without `reach`, the whole window."""
+        sizes, out, start = self.head_sizes(width), [], 0
+        for n in sizes:
+            need = window if reach is None else min(window, max(reach[start: start + n], default=0))
+            out.append(math.ceil(need / self.block))
+            start += n
+        return out
 
     def write(self, layer: int, slots, positions, k: jax.Array, v: jax.Array, limit: int | None = None) -> KVCache:
         """Store k/v [B, H, T, K] of one layer: token (b, t) goes to slot slots[b, t] at positions[b, t].
 
-        `slots` None (decode): row b is slot b. Tokens whose slot or position is out of range are dropped
-        (prefill padding; decode positions past the cache). `limit` (static): every position is below it,
-        so blocks past it are not touched (prefill: T; decode: the window)."""
-        blocks = len(self.k[layer])
-        if limit is not None:
-            blocks = min(blocks, math.ceil(limit / self.block))
-        if slots is None:
-            slots = jnp.arange(k.shape[0])[:, None]
-        new_k = self._scatter(self.k[layer], blocks, slots, positions, k)
-        new_v = self._scatter(self.v[layer], blocks, slots, positions, v)
-        return dataclasses.replace(self, k=_swap(self.k, layer, new_k), v=_swap(self.v, layer, new_v))
+        `slots` None (decode): row b is slot b, and each group scatters only its own rows. Tokens whose
+        slot or position is out of range are dropped (prefill padding; decode positions past the cache).
+        `limit` (static): every position is below it, so blocks past it are not touched (prefill: T;
+        decode: the window)."""
+        new_k, new_v = [], []
+        start = 0
+        for gk, gv in zip(self.k[layer], self.v[layer]):
+            size = gk[0].shape[0]
+            count = len(gk) if limit is None else min(len(gk), math.ceil(limit / self.block))
+            if slots is None:  # decode: this group's rows are rows [start, start + size)
+                part = slice(start, start + size)
+                local, pos, xk, xv = jnp.arange(size)[:, None], positions[part], k[part], v[part]
+            else:
+                local = slots - start
+                local = jnp.where((local >= 0) & (local < size), local, size)  # other groups: dropped
+                pos, xk, xv = positions, k, v
+            new_k.append(self._scatter(gk, count, local, pos, xk))
+            new_v.append(self._scatter(gv, count, local, pos, xv))
+            start += size
+        return dataclasses.replace(self, k=_swap(self.k, layer, tuple(new_k)), v=_swap(self.v, layer, tuple(new_v)))
 
     def _scatter(self, blocks: tuple[jax.Array, ...], count: int, slots, positions, x: jax.Array) -> tuple[jax.Array, ...]:
-        """Writes into the first `count` blocks; the others are returned as they are."""
+        """Writes into the first `count` blocks of one group; the others are returned as they are."""
         size, heads = self.block, x.shape[1]
         slot_idx = jnp.broadcast_to(slots, positions.shape)[:, :, None]  # [B, T, 1]
         head_idx = jnp.arange(heads)[None, None, :]
@@ -94,11 +141,50 @@ class KVCache:
             out[b] = blocks[b].at[slot_idx, head_idx, local].set(rows, mode="drop")
         return tuple(out)
 
-    def window(self, layer: int, size: int) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
-        """The blocks covering the first `size` positions of every slot of one layer (k, v)."""
+    def window(self, layer: int, size: int) -> tuple[Groups, Groups]:
+        """Per slot group, the blocks covering the first `size` positions of one layer (k, v)."""
         count = math.ceil(size / self.block)
-        return self.k[layer][:count], self.v[layer][:count]
+        return tuple(g[:count] for g in self.k[layer]), tuple(g[:count] for g in self.v[layer])
+
+    def head(self, width: int) -> KVCache:
+        """The cache of slots [0, width): whole groups as they are, a partly covered group sliced."""
+        def cut(groups: Groups) -> Groups:
+            out, start = [], 0
+            for g in groups:
+                if start >= width:
+                    break
+                take = min(g[0].shape[0], width - start)
+                out.append(g if take == g[0].shape[0] else tuple(b[:take] for b in g))
+                start += g[0].shape[0]
+            return tuple(out)
+
+        return KVCache(tuple(map(cut, self.k)), tuple(map(cut, self.v)), self.lengths[:width])
+
+    def with_head(self, head: KVCache) -> KVCache:
+        """This cache with slots [0, width) taken from `head` (a `head(width)` of it, updated)."""
+        def put(groups: Groups, new: Groups) -> Groups:
+            out = list(groups)
+            for i, g in enumerate(new):
+                same = g[0].shape[0] == groups[i][0].shape[0]
+                out[i] = g if same else tuple(b.at[: h.shape[0]].set(h) for b, h in zip(groups[i], g))
+            return tuple(out)
+
+        width = head.lengths.shape[0]
+        return KVCache(tuple(map(put, self.k, head.k)), tuple(map(put, self.v, head.v)),
+                       self.lengths.at[:width].set(head.lengths))
+
+    def copy_slot(self, src, dst, src_group: int, dst_group: int) -> KVCache:
+        """Slot dst takes slot src's K/V and length (traced slot indices, in the given static groups)."""
+        sizes = self.group_sizes
+        s0, d0 = sum(sizes[:src_group]), sum(sizes[:dst_group])
+
+        def move(groups: Groups) -> Groups:
+            new = tuple(jax.lax.dynamic_update_index_in_dim(b, jax.lax.dynamic_index_in_dim(a, src - s0, 0), dst - d0, 0)
+                        for a, b in zip(groups[src_group], groups[dst_group]))
+            return groups[:dst_group] + (new,) + groups[dst_group + 1:]
+
+        return KVCache(tuple(map(move, self.k)), tuple(map(move, self.v)), self.lengths.at[dst].set(self.lengths[src]))
 
 
-def _swap(tree: Blocks, layer: int, new: tuple[jax.Array, ...]) -> Blocks:
+def _swap(tree: Layers, layer: int, new: Groups) -> Layers:
     return tree[:layer] + (new,) + tree[layer + 1:]

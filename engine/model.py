@@ -14,6 +14,9 @@ LayerNorm, softmax and logits are computed in float32 whatever the parameter dty
 """
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -125,12 +128,45 @@ def _attend(q: jax.Array, ks, vs, q_pos: jax.Array, k_pos: jax.Array, segments=N
     return out.transpose(0, 2, 1, 3)
 
 
+class Where(NamedTuple):
+    """How one call's tokens meet the cache (see `GPT2.__call__`)."""
+
+    slots: jax.Array | None = None  # i32[B,T] prefill: each token's slot
+    window: int | None = None  # decode: attend to cache positions [0, window)
+    segments: jax.Array | None = None  # i32[B,T] prefill: each token's packed prompt
+    blocks: jax.Array | None = None  # i32[G] decode: blocks each slot group reads (default: the window's)
+
+
+def _attend_groups(q, positions, k_groups, v_groups, blocks) -> jax.Array:
+    """Decode attention group by group: rows of q [B,H,1,K] are the cache slots in group order; group g
+    reads its first blocks[g] blocks (`lax.switch`: only that branch runs; 0: none, output zeros)."""
+    outs, start = [], 0
+    for g, (ks, vs) in enumerate(zip(k_groups, v_groups)):
+        n = ks[0].shape[0]
+        qg, pg = q[start: start + n], positions[start: start + n]
+
+        def read(count, qg, pg, ks=ks, vs=vs):
+            if count == 0:
+                return jnp.zeros((qg.shape[0], qg.shape[2], qg.shape[1], qg.shape[3]), qg.dtype)
+            width = count * ks[0].shape[2]
+            k_pos = jnp.broadcast_to(jnp.arange(width, dtype=pg.dtype), (qg.shape[0], width))
+            return _attend(qg, ks[:count], vs[:count], pg, k_pos)
+
+        if blocks is None:
+            outs.append(read(len(ks), qg, pg))
+        else:
+            branches = [functools.partial(read, c) for c in range(len(ks) + 1)]
+            outs.append(jax.lax.switch(jnp.clip(blocks[g], 0, len(ks)), branches, qg, pg))
+        start += n
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: GPT2Config, dtype, rngs: nnx.Rngs | None):
         self.c_attn = QKV(cfg, dtype, rngs)
         self.c_proj = OutProj(cfg, dtype, rngs)
 
-    def __call__(self, x, positions, cache: KVCache | None, layer: int, slots, window: int | None, segments=None):
+    def __call__(self, x, positions, cache: KVCache | None, layer: int, where: Where):
         """Self-attention over this call's tokens (inside each segment when given), or (window set) over
         the first `window` cache positions.
 
@@ -139,14 +175,12 @@ class Attention(nnx.Module):
         q, k, v = self.c_attn(x)
         if cache is not None:
             # Positions are below T in prefill and below the window in decode.
-            cache = cache.write(layer, slots, positions, k, v, limit=window or x.shape[1])
-        if window is None:
-            out = _attend(q, (k,), (v,), positions, positions, segments)
+            cache = cache.write(layer, where.slots, positions, k, v, limit=where.window or x.shape[1])
+        if where.window is None:
+            out = _attend(q, (k,), (v,), positions, positions, where.segments)
         else:
-            k_win, v_win = cache.window(layer, window)
-            width = sum(k.shape[2] for k in k_win)
-            k_pos = jnp.broadcast_to(jnp.arange(width, dtype=positions.dtype), (x.shape[0], width))
-            out = _attend(q, k_win, v_win, positions, k_pos)
+            k_groups, v_groups = cache.window(layer, where.window)
+            out = _attend_groups(q, positions, k_groups, v_groups, where.blocks)
         return self.c_proj(out), cache
 
 
@@ -166,8 +200,8 @@ class Block(nnx.Module):
         self.ln_2 = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, dtype)
         self.mlp = MLP(cfg, dtype, rngs)
 
-    def __call__(self, x, positions, cache, layer, slots, window, segments=None):
-        a, cache = self.attn(self.ln_1(x), positions, cache, layer, slots, window, segments)
+    def __call__(self, x, positions, cache, layer, where: Where):
+        a, cache = self.attn(self.ln_1(x), positions, cache, layer, where)
         x = x + a
         return x + self.mlp(self.ln_2(x)), cache
 
@@ -187,18 +221,19 @@ class GPT2(nnx.Module):
         self.ln_f = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, dtype)
 
     def __call__(self, tokens, positions, cache: KVCache | None = None, *, slots=None, window=None,
-                 segments=None, select=None):
+                 segments=None, blocks=None, select=None):
         """tokens/positions [B,T] -> (logits f32 [B,T,V], or [N,V] for `select` [N] flat token indices
         (row * T + column), cache).
 
         cache None: plain causal forward. cache + `slots` [B,T]: each token writes its K/V into its slot
         at its position (prefill; out-of-range slots are dropped); `segments` [B,T] keeps attention
         inside each packed prompt. cache + `window`: rows are the cache slots in order and attend to cache
-        positions [0, window) (decode).
+        positions [0, window) (decode); `blocks` [G] limits each slot group to its first blocks.
         """
+        where = Where(slots, window, segments, blocks)
         x = self.wte.weight[...][tokens] + self.wpe.weight[...][positions]
         for layer, block in enumerate(self.h):
-            x, cache = block(x, positions, cache, layer, slots, window, segments)
+            x, cache = block(x, positions, cache, layer, where)
         if select is not None:
             x = x.reshape(-1, x.shape[-1])[select]
         return self.logits(self.ln_f(x)), cache

@@ -6,8 +6,9 @@ Programs (a fixed set, all compiled by `warmup`):
       state set, and each prompt's first token sampled, in one call;
   decode(window W, width N): k steps (`lax.scan`) of slots [0, N), sampling on device, attending to cache
       positions [0, W) (whole KV blocks); the other slots are sliced off and put back untouched;
-  move(src, dst): copies every per-slot row (KV cache included) between slots, for the scheduler's
-      compaction of live requests into low slots (so N follows the number of live requests).
+  move(src group, dst group): copies every per-slot row (KV cache included) from one slot to another,
+      for the scheduler's compaction of live requests into low slots (so N follows the number of live
+      requests); one program per pair of the cache's slot groups.
 Insert is fused into prefill: a separate insert program would materialise every prompt's K/V once more.
 `DecodeState` is donated to every program, so the cache is updated in place and never copied. Sampling
 parameters are per-slot arrays inside it: new values never recompile. The host gets back one small int
@@ -25,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from engine.config import EngineConfig, GPT2Config
-from engine.kv_cache import CACHE_AXES, KVCache
+from engine.kv_cache import CACHE_AXES, KVCache, slot_groups
 from engine.processors import process_logits, sample, top_logprobs, uses_penalties
 from engine.sampling import MAX_LOGPROBS, SamplingParams, SlotParams, slot_params
 from engine.sharding import make_mesh, named_sharding, partition_spec, per_shard, replicated, tree_shardings
@@ -44,12 +45,12 @@ class DecodeState:
     counts: jax.Array  # i32[S,V] generated-token counts (presence / frequency penalties)
 
 
-def state_axes(cfg: GPT2Config, max_len: int) -> DecodeState:
+def state_axes(cfg: GPT2Config, max_len: int, groups: int = 1) -> DecodeState:
     """Logical axes of every DecodeState array (engine.sharding.RULES maps them onto the mesh): slots on
     `data` (always dim 0); seen/counts keep the whole vocab per row because sampling reads whole rows."""
     slot = ("slots",)
     return DecodeState(
-        cache=KVCache.tree_of(cfg, max_len, CACHE_AXES, slot), tokens=slot, steps=slot, keys=("slots", "key_data"),
+        cache=KVCache.tree_of(cfg, max_len, CACHE_AXES, slot, groups), tokens=slot, steps=slot, keys=("slots", "key_data"),
         params=SlotParams(*(slot for _ in SlotParams._fields)), wants_logprobs=slot,
         seen=("slots", "sampled_vocab"), counts=("slots", "sampled_vocab"))
 
@@ -120,18 +121,20 @@ class Runner:
         self.trace_count = 0  # incremented whenever a program is traced: the no-recompile check reads it
         # Fixed output shardings: the donated state comes back laid out as it went in (never resharded per
         # call); sampled ids come back replicated, so every process can read them.
-        self.state_shardings = tree_shardings(self.mesh, state_axes(cfg, self.max_len))
+        self.groups = slot_groups(ecfg.max_slots, self.mesh.shape["data"])
+        self.state_shardings = tree_shardings(self.mesh, state_axes(cfg, self.max_len, self.groups))
         outs = (self.state_shardings, replicated(self.mesh))
         self.state = self._initial_state(cache_dtype)
         self._prefill = jax.jit(self._prefill_impl, donate_argnums=(1,), out_shardings=outs)
         self._decode = jax.jit(self._decode_impl, donate_argnums=(1,), static_argnums=(2, 3), out_shardings=outs)
-        self._move = jax.jit(_move_rows, donate_argnums=(0,), out_shardings=self.state_shardings)
+        self._move = jax.jit(_move_row, donate_argnums=(0,), static_argnums=(3, 4),
+                             out_shardings=self.state_shardings)
 
     def _initial_state(self, cache_dtype) -> DecodeState:
         s, v = self.ecfg.max_slots, self.cfg.padded_vocab_size
         shardings = self.state_shardings
-        cache = KVCache.create(self.cfg, s, self.max_len, cache_dtype, (shardings.cache.k[0][0],
-                                                                         shardings.cache.lengths))
+        cache = KVCache.create(self.cfg, s, self.max_len, cache_dtype, (shardings.cache.k[0][0][0],
+                                                                         shardings.cache.lengths), self.groups)
 
         def rest() -> DecodeState:
             params = SlotParams(*(jnp.asarray(a) for a in neutral_params(s)))
@@ -180,22 +183,24 @@ class Runner:
             seen=put(state.seen, seen), counts=put(state.counts, counts))
         return state, out
 
-    def _decode_impl(self, params, state: DecodeState, window: int, width: int):
+    def _decode_impl(self, params, state: DecodeState, window: int, width: int, blocks):
         """k steps of slots [0, width): the others are sliced off first and put back untouched after."""
         self.trace_count += 1
         if width == self.ecfg.max_slots:
-            return self._decode_rows(params, state, window)
-        head = jax.tree.map(lambda a: a[:width], state)
-        head, out = self._decode_rows(params, head, window)
-        return jax.tree.map(lambda a, h: a.at[:width].set(h), state, head), out
+            return self._decode_rows(params, state, window, blocks)
+        rest = dataclasses.replace(state, cache=None)
+        head = dataclasses.replace(jax.tree.map(lambda a: a[:width], rest), cache=state.cache.head(width))
+        head, out = self._decode_rows(params, head, window, blocks)
+        merged = jax.tree.map(lambda a, h: a.at[:width].set(h), rest, dataclasses.replace(head, cache=None))
+        return dataclasses.replace(merged, cache=state.cache.with_head(head.cache)), out
 
-    def _decode_rows(self, params, state: DecodeState, window: int):
+    def _decode_rows(self, params, state: DecodeState, window: int, blocks):
         model = self._model(params)
         last = self.max_len - 1
 
         def step(st: DecodeState, _):
             positions = jnp.minimum(st.cache.lengths, last)[:, None]
-            logits, cache = model(st.tokens[:, None], positions, st.cache, window=window,
+            logits, cache = model(st.tokens[:, None], positions, st.cache, window=window, blocks=blocks,
                                   select=jnp.arange(st.tokens.shape[0]))
             logits = self._full_vocab(logits, "slots")
             out = self._sample_slots(logits, st.params, st.seen, st.counts, st.keys, st.steps, st.wants_logprobs)
@@ -215,19 +220,24 @@ class Runner:
         self.state, out = self._prefill(self.params, self.state, rows)
         return out
 
-    def decode(self, window: int, width: int | None = None) -> Sampled:
+    def decode(self, window: int, width: int | None = None, reach=None) -> Sampled:
         """Run k decode steps over slots [0, width) (default all); returns device arrays [k, width] (and
-        [k, width, N])."""
-        self.state, out = self._decode(self.params, self.state, window, width or self.ecfg.max_slots)
+        [k, width, N]). `reach` [S] (host ints, optional): the cache positions each slot reads up to in
+        this call (0 for a free slot); each slot group then reads only the blocks its slots reach."""
+        width = width or self.ecfg.max_slots
+        blocks = self.state.cache.group_blocks(width, window, None if reach is None else list(reach))
+        self.state, out = self._decode(self.params, self.state, window, width, np.asarray(blocks, np.int32))
         return out
 
     def move(self, moves: list[tuple[int, int]]) -> None:
-        """Copy every per-slot row (KV cache included) from src to dst slot, for each (src, dst)."""
-        s = self.ecfg.max_slots
-        src, dst = np.zeros(s, np.int32), np.zeros(s, np.int32)  # entries past len(moves) are not read
-        for i, (a, b) in enumerate(moves):
-            src[i], dst[i] = a, b
-        self.state = self._move(self.state, src, dst, np.int32(len(moves)))
+        """Copy every per-slot row (KV cache included) from src to dst slot, for each (src, dst) in order:
+        one call per move, compiled per (src group, dst group) pair of the cache's slot groups."""
+        for src, dst in moves:
+            self.state = self._move(self.state, np.int32(src), np.int32(dst), self._group_of(src),
+                                    self._group_of(dst))
+
+    def _group_of(self, slot: int) -> int:
+        return slot // (self.ecfg.max_slots // self.groups)
 
     def warmup(self, buckets: tuple[int, ...], windows: tuple[int, ...], widths: tuple[int, ...] = ()) -> None:
         """Compile every program: each (bucket, batch size) prefill and each (window, width) decode."""
@@ -238,18 +248,19 @@ class Runner:
         for window in windows:
             for width in widths or (self.ecfg.max_slots,):
                 jax.block_until_ready(self.decode(window, width))
-        self.move([])
+        size = self.ecfg.max_slots // self.groups
+        for gs in range(self.groups):  # every (src group, dst group) move program; slots are free here
+            for gd in range(self.groups):
+                self.move([(gs * size, gd * size)])
         jax.block_until_ready(self.state)
 
 
-def _move_rows(state: DecodeState, src, dst, count) -> DecodeState:
-    """Row dst[i] of every per-slot array (dim 0) takes row src[i], for i < count: one row copy per move
-    (a gather over all S rows would copy the whole cache for a handful of moves)."""
-    def one(i, st):
-        return jax.tree.map(lambda a: jax.lax.dynamic_update_index_in_dim(
-            a, jax.lax.dynamic_index_in_dim(a, src[i], 0), dst[i], 0), st)
-
-    return jax.lax.fori_loop(0, count, one, state)
+def _move_row(state: DecodeState, src, dst, src_group: int, dst_group: int) -> DecodeState:
+    """Row dst of every per-slot array (dim 0) takes row src; the cache's rows are in the given (static)
+    slot groups, so each block array copies one row in place."""
+    rest = jax.tree.map(lambda a: jax.lax.dynamic_update_index_in_dim(a, jax.lax.dynamic_index_in_dim(a, src, 0),
+                                                                   dst, 0), dataclasses.replace(state, cache=None))
+    return dataclasses.replace(rest, cache=state.cache.copy_slot(src, dst, src_group, dst_group))
 
 
 def _put_rows(slots, target, rows):

@@ -6,8 +6,9 @@ The runner owns the device; a `PrefillBatch` / `DecodeBatch` dataclass is all th
 
 Invariants:
 - A request is in exactly one place: the FIFO waiting queue, one slot, or finished (then `slot` is None).
-- Admission is FIFO into the lowest free slot; a slot is free again the moment its request finishes or
-  is aborted, so the next `schedule_prefills` can refill it (continuous batching).
+- Admission is FIFO; requests admitted in one round take the lowest free slots, longest first. A slot is
+  free again the moment its request finishes or is aborted, so the next `schedule_prefills` can refill
+  it (continuous batching).
 - A live, prefilled slot holds `prompt_len + len(output_token_ids) - 1` cache positions: the newest
   sampled token is pending, fed by the next decode call, which advances every decoded slot `k` positions.
 - Every accepted token is appended to `output_token_ids` (its extra to `output_extras` when extras are
@@ -220,16 +221,19 @@ class Scheduler:
     # -- prefill ---------------------------------------------------------------------------------
 
     def schedule_prefills(self) -> list[PrefillBatch]:
-        """Admit waiting requests FIFO into free slots, then pack them into prefill calls (`_pack`)."""
-        admitted = []
-        for slot in [i for i, r in enumerate(self._slots) if r is None]:
-            if not self._waiting:
-                break
-            request = self._waiting.popleft()
+        """Admit waiting requests FIFO into free slots, then pack them into prefill calls (`_pack`).
+
+        Requests admitted together take the free slots longest-first (prompt + max_new_tokens, ties in
+        arrival order), so slots of similar length sit together: the KV cache is read per group of
+        neighbouring slots, each group only as far as its longest slot, and short requests finishing
+        first leave the live ones in low slots (no compaction moves)."""
+        free = [i for i, r in enumerate(self._slots) if r is None]
+        admitted = [self._waiting.popleft() for _ in range(min(len(free), len(self._waiting)))]
+        admitted.sort(key=lambda r: -min(r.prompt_len + r.params.max_new_tokens, self.config.max_seq_len))
+        for slot, request in zip(free, admitted):
             request.slot = slot
             self._slots[slot] = request
-            admitted.append((slot, request))
-        return self._pack(admitted)
+        return self._pack([(r.slot, r) for r in admitted])
 
     def bucket_for(self, prompt_len: int) -> int:
         """The smallest prefill bucket >= prompt_len (add() guarantees one exists)."""

@@ -84,8 +84,13 @@ class StepRunner:
         return self.scheduler.on_prefill_tokens(batch, host["tokens"][: len(reqs)].tolist(), extras)
 
     def _decode(self, batch: DecodeBatch) -> list[Update]:
-        out = self.runner.decode(batch.window, batch.num_slots)
         live = {s: self.scheduler.request_at(s) for s in batch.slots}
+        sc = self.scheduler.config
+        reach = [0] * sc.max_slots  # cache positions each live slot reads up to in this call
+        for s, r in live.items():
+            if r is not None:
+                reach[s] = min(self.scheduler.cache_len(r) + sc.decode_steps, sc.max_seq_len)
+        out = self.runner.decode(batch.window, batch.num_slots, reach)
         host = _fetch(out, any(r is not None and r.params.logprobs is not None for r in live.values()))
         tokens = host["tokens"].tolist()
         extras = None  # per-token extras only when some live request asked for logprobs (k x S otherwise)

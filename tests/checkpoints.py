@@ -47,3 +47,17 @@ def make_tiny_checkpoint(folder: Path, *, with_tokenizer: bool = True, seed: int
     if with_tokenizer:
         copy_tokenizer(folder)
     return folder
+
+
+def run_aborting(engine, prompts, params, aborted) -> list:
+    """Queue every prompt, run one engine step (all admitted and prefilled, one decode call), abort the
+    requests at indexes `aborted`, then step until the others finish; returns the requests."""
+    reqs = [engine.requests.make(p, sp)[0] for p, sp in zip(prompts, params)]
+    for r in reqs:
+        engine.add_request(r)
+    engine.step()
+    for i in aborted:
+        assert engine.scheduler.abort(reqs[i].request_id)
+    while not all(r.finished for r in reqs):
+        engine.step()
+    return reqs

@@ -21,7 +21,7 @@ import transformers
 from engine.engine import Engine
 from engine.requests import completion_of
 from engine.sampling import SamplingParams
-from tests.checkpoints import copy_tokenizer, make_tiny_checkpoint
+from tests.checkpoints import copy_tokenizer, make_tiny_checkpoint, run_aborting
 
 CONTEXT = 64
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True)
@@ -297,13 +297,15 @@ def test_stream_concatenates_to_generate_text(engine):
 
 
 def test_compaction_moves_a_live_request_without_changing_it(engine, monkeypatch):
-    """Three short requests in slots 0-2 finish first; the long one in slot 3 is moved to slot 0 so decode
-    runs width 1, and its tokens equal a run alone."""
-    alone = engine.generate(PROMPTS[3], GREEDY)[0].token_ids
+    """Admitted together, the three requests allowed 40 new tokens take slots 0-2 (longest first) and the
+    one allowed 12 slot 3; the three are aborted after the first step, so slot 3 moves to slot 0 and decode
+    runs width 1. Its tokens equal a run alone."""
+    prompt = PROMPTS[3][:20]  # 20 + 12 tokens: below the others' 3, 9, 20 + 40
+    alone = engine.generate(prompt, GREEDY)[0].token_ids
     moves = []
     real_move = engine.runner.move
     monkeypatch.setattr(engine.runner, "move", lambda m: (moves.append(list(m)), real_move(m)))
-    short = dataclasses.replace(GREEDY, max_new_tokens=2)
-    out = engine.generate(PROMPTS, [short, short, short, GREEDY])
+    long = dataclasses.replace(GREEDY, max_new_tokens=40)
+    reqs = run_aborting(engine, PROMPTS[:3] + [prompt], [long] * 3 + [GREEDY], aborted=(0, 1, 2))
     assert moves == [[(3, 0)]]
-    assert out[3].token_ids == alone
+    assert reqs[3].output_token_ids == alone

@@ -115,6 +115,14 @@ def test_fifo_admission_into_lowest_free_slots():
     assert [r.arrival for _, r in batch.rows] == [3, 4]
 
 
+def test_requests_admitted_together_take_slots_longest_first():
+    sched = Scheduler(make_config(max_slots=4))
+    for rid, prompt, new in [("a", 3, 2), ("b", 8, 20), ("c", 3, 5), ("d", 2, 20)]:
+        sched.add(make_request(rid, prompt_len=prompt, max_new_tokens=new))
+    sched.schedule_prefills()
+    assert [sched.request_at(i).request_id for i in range(4)] == ["b", "d", "c", "a"]  # 28, 22, 8, 5
+
+
 def test_continuous_batching_refills_a_freed_slot_at_once():
     sched = Scheduler(make_config(max_slots=2, decode_steps=2))
     sched.add(make_request("short", max_new_tokens=3))
@@ -123,9 +131,10 @@ def test_continuous_batching_refills_a_freed_slot_at_once():
     prefill_all(sched)
     updates = decode_same(sched)
     short = next(u for u in updates if u.request.request_id == "short")
-    assert short.finished and short.new_token_ids == [7, 7] and sched.live_slots == (1,)
+    # Admitted together, the longer request took the lower slot.
+    assert short.finished and short.new_token_ids == [7, 7] and sched.live_slots == (0,)
     [batch] = sched.schedule_prefills()
-    assert [(s, r.request_id) for s, r in batch.rows] == [(0, "next")]
+    assert [(s, r.request_id) for s, r in batch.rows] == [(1, "next")]
     sched.on_prefill_tokens(batch, [9])
     assert sched.schedule_decode().slots == (0, 1)
 

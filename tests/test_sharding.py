@@ -17,7 +17,7 @@ from engine import Engine, SamplingParams
 from engine.config import GPT2Config, preset
 from engine.model import param_axes
 from engine.sharding import RULES, check_mesh, make_mesh, parse_mesh, partition_spec
-from tests.checkpoints import make_tiny_checkpoint
+from tests.checkpoints import make_tiny_checkpoint, run_aborting
 
 ENGINE_OPTS = dict(max_slots=8, max_seq_len=32, decode_steps=2, prefill_buckets=(16,))
 PROMPTS = ["Hello world", "The quick brown fox", "a b c d e f g", "JAX is"]
@@ -69,7 +69,7 @@ def assert_rules_applied(engine: Engine) -> None:
     assert params["h"][0]["mlp"]["c_fc"]["weight"].sharding.spec == P(None, "model")
     assert params["h"][0]["mlp"]["c_proj"]["weight"].sharding.spec == P("model", None)
     assert params["ln_f"]["weight"].sharding.spec == P(None)
-    blocks = [b for layer in state.cache.k + state.cache.v for b in layer]
+    blocks = jax.tree.leaves((state.cache.k, state.cache.v))
     assert all(b.sharding.spec == P("data", "model", None, None) for b in blocks)
     assert state.cache.lengths.sharding.spec == P("data")
     assert state.tokens.sharding.spec == P("data") and state.params.temperature.sharding.spec == P("data")
@@ -149,8 +149,10 @@ def test_sharded_engine_matches_unsharded(tiny_model, reference, data, model):
     engine = Engine.from_pretrained(tiny_model, mesh=mesh_of(data, model), **ENGINE_OPTS)
     assert engine.engine_config.mesh == f"data={data},model={model}"
     assert_rules_applied(engine)
-    k = engine.runner.state.cache.k[0][0]
-    assert k.addressable_shards[0].data.shape == (8 // data, 4 // model, 32, 16)
+    k = engine.runner.state.cache.k[0][0][0]  # layer 0, slot group 0, block 0
+    groups = 4 if data == 1 else 1  # slot groups only when the slots are not split over devices
+    assert len(engine.runner.state.cache.k[0]) == groups
+    assert k.addressable_shards[0].data.shape == (8 // data // groups, 4 // model, 32, 16)
     got = run(engine)
     np.testing.assert_allclose(got["logits"], expected["logits"], rtol=0, atol=1e-4)
     assert got["greedy"] == expected["greedy"]
@@ -164,16 +166,17 @@ def test_sharded_engine_matches_unsharded(tiny_model, reference, data, model):
 
 
 def test_slot_compaction_on_a_data_sharded_mesh(tiny_model, reference, monkeypatch):
-    """Six short requests finish first; the two long ones (slots 6, 7) move to slots 0, 1 across `data`
-    shards, and their tokens equal the unsharded engine's."""
+    """Admitted together, the six requests allowed 40 new tokens take slots 0-5 (longest first) and are
+    aborted after the first step; the two allowed 12 (slots 6, 7) move to slots 0, 1 across `data` shards,
+    and their tokens equal the unsharded engine's."""
     prompts = [[11 * i + 3] * (i + 2) for i in range(8)]
-    short = SamplingParams(max_new_tokens=2, temperature=0.0)
+    aborted = SamplingParams(max_new_tokens=40, temperature=0.0)
     tail = [SamplingParams(max_new_tokens=12, temperature=0.0),
             SamplingParams(max_new_tokens=12, temperature=0.9, seed=5)]
-    params = [short] * 6 + tail
-    expected = [c.token_ids for c in reference[0].generate(prompts, params)]
+    expected = [c.token_ids for c in reference[0].generate(prompts[6:], tail)]
     engine = Engine.from_pretrained(tiny_model, mesh=mesh_of(2, 4), **ENGINE_OPTS)
     moves, real_move = [], engine.runner.move
     monkeypatch.setattr(engine.runner, "move", lambda m: (moves.append(list(m)), real_move(m)))
-    assert [c.token_ids for c in engine.generate(prompts, params)] == expected
+    reqs = run_aborting(engine, prompts, [aborted] * 6 + tail, aborted=range(6))
+    assert [r.output_token_ids for r in reqs[6:]] == expected
     assert moves == [[(6, 0), (7, 1)]]
