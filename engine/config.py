@@ -165,11 +165,14 @@ class EngineConfig:
             size = size + block if size < 4 * block else 2 * size
         return tuple(windows + [self.max_seq_len])
 
-    def decode_widths(self, data: int = 1) -> tuple[int, ...]:
+    def decode_widths(self, data: int = 1, group: int | None = None) -> tuple[int, ...]:
         """Slot counts compiled for decode (a call runs slots [0, n)): data, 2 data, 4 data, ... below
-        max_slots, and max_slots; multiples of the mesh's data axis so every device keeps equal rows."""
+        `group` (the KV cache's slots per group; default max_slots), then every multiple of `group` up to
+        max_slots (whole groups are read in place, so each step of a group trims that much work).
+        Multiples of the mesh's data axis so every device keeps equal rows."""
+        group = group or self.max_slots
         widths, size = [], data
-        while size < self.max_slots:
+        while size < group:
             widths.append(size)
             size *= 2
-        return tuple(widths + [self.max_slots])
+        return tuple(widths + list(range(group, self.max_slots + 1, group)))

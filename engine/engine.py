@@ -86,7 +86,8 @@ class Engine:
             prefill_prompts={b: tuple(ecfg.prefill_prompts(b, n) for n in ecfg.prefill_batch_sizes(b)) for b in buckets},
             prefill_attention_cost=1 / (6 * self.config.n_embd),
             decode_windows=ecfg.decode_windows(block_size(self.max_seq_len)),
-            decode_slot_counts=ecfg.decode_widths(self.mesh.shape["data"]), eos_token_id=self.config.eos_token_id)
+            decode_slot_counts=ecfg.decode_widths(self.mesh.shape["data"], ecfg.max_slots // self.runner.groups),
+            eos_token_id=self.config.eos_token_id)
 
     def warmup(self) -> None:
         """Compile every program now; afterwards no prompt length or parameter mix compiles again."""

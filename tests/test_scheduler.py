@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from engine.config import EngineConfig
 from engine.sampling import SamplingParams
 from engine.scheduler import DecodeBatch, PrefillBatch, Request, Scheduler, SchedulerConfig
 
@@ -534,3 +535,11 @@ def test_compact_waits_while_requests_wait_for_a_slot():
     sched.abort("r0")
     assert sched.live_slots == (1,) and sched.num_waiting == 1
     assert sched.compact() == []
+
+
+def test_decode_widths_step_by_whole_slot_groups():
+    """Powers of two (times the data axis) below a slot group, then every whole group: a narrower call
+    reads whole groups of the cache in place."""
+    assert EngineConfig(max_slots=64).decode_widths(1, 16) == (1, 2, 4, 8, 16, 32, 48, 64)
+    assert EngineConfig(max_slots=16).decode_widths(1, 4) == (1, 2, 4, 8, 12, 16)
+    assert EngineConfig(max_slots=16).decode_widths(2) == (2, 4, 8, 16)  # slots over data=2: one group
