@@ -5,7 +5,8 @@ Programs (a fixed set, all compiled by `warmup`):
       (attention stays inside each prompt), their K/V scattered into their slots, the per-slot sampling
       state set, and each prompt's first token sampled, in one call;
   decode(window W, width N): k steps (`lax.scan`) of slots [0, N), sampling on device, attending to cache
-      positions [0, W) (whole KV blocks); the other slots are sliced off and put back untouched;
+      positions [0, W) (whole KV blocks; each slot group only to the blocks its live slots reach, a
+      per-call input); slot groups past N are left out and put back untouched;
   move(src group, dst group): copies every per-slot row (KV cache included) from one slot to another,
       for the scheduler's compaction of live requests into low slots (so N follows the number of live
       requests); one program per pair of the cache's slot groups.
