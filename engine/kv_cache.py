@@ -3,8 +3,8 @@
 Logically `k`, `v` are [L, S, H, M, K] (layers, slots, heads, positions, head dim) and `lengths` [S] int32
 counts the positions of each slot that hold real K/V. Physically each layer is split twice:
 - slots into G groups of consecutive slots (G = `slot_groups`: 4 when the slots are not split over a
-  `data` mesh axis), so decode attends group by group: independent products XLA:CPU runs side by side,
-  and each group reads only the blocks its own live slots reach (slots of similar length share a group);
+  `data` mesh axis), so decode attends group by group, each group reading only the blocks its own live
+  slots reach (slots of similar length share a group), and a narrower decode call takes whole groups;
 - positions into blocks of `BLOCK`, one array [S/G, H, BLOCK, K] per (layer, group, block): attending to
   the first W positions reads the first ceil(W / BLOCK) arrays whole. (Slicing a window or a slot range out
   of a bigger array makes XLA:CPU copy it first, which costs more than the attention itself.)
@@ -85,6 +85,15 @@ class KVCache:
     def block(self) -> int:
         return self.k[0][0][0].shape[2]
 
+    def group_of(self, slot: int) -> tuple[int, int]:
+        """(group, first slot of that group) holding a host slot index."""
+        start = 0
+        for g, n in enumerate(self.group_sizes):
+            if slot < start + n:
+                return g, start
+            start += n
+        raise IndexError(f"slot {slot} is past the cache's {start} slots")
+
     def head_sizes(self, width: int) -> tuple[int, ...]:
         """Slots per group of `head(width)`."""
         out, start = [], 0
@@ -148,15 +157,10 @@ class KVCache:
 
     def head(self, width: int) -> KVCache:
         """The cache of slots [0, width): whole groups as they are, a partly covered group sliced."""
+        sizes = self.head_sizes(width)
+
         def cut(groups: Groups) -> Groups:
-            out, start = [], 0
-            for g in groups:
-                if start >= width:
-                    break
-                take = min(g[0].shape[0], width - start)
-                out.append(g if take == g[0].shape[0] else tuple(b[:take] for b in g))
-                start += g[0].shape[0]
-            return tuple(out)
+            return tuple(g if n == g[0].shape[0] else tuple(b[:n] for b in g) for g, n in zip(groups, sizes))
 
         return KVCache(tuple(map(cut, self.k)), tuple(map(cut, self.v)), self.lengths[:width])
 
@@ -173,10 +177,9 @@ class KVCache:
         return KVCache(tuple(map(put, self.k, head.k)), tuple(map(put, self.v, head.v)),
                        self.lengths.at[:width].set(head.lengths))
 
-    def copy_slot(self, src, dst, src_group: int, dst_group: int) -> KVCache:
-        """Slot dst takes slot src's K/V and length (traced slot indices, in the given static groups)."""
-        sizes = self.group_sizes
-        s0, d0 = sum(sizes[:src_group]), sum(sizes[:dst_group])
+    def copy_slot(self, src, dst, src_group: tuple[int, int], dst_group: tuple[int, int]) -> KVCache:
+        """Slot dst takes slot src's K/V and length (traced slot indices; their static `group_of`)."""
+        (src_group, s0), (dst_group, d0) = src_group, dst_group
 
         def move(groups: Groups) -> Groups:
             new = tuple(jax.lax.dynamic_update_index_in_dim(b, jax.lax.dynamic_index_in_dim(a, src - s0, 0), dst - d0, 0)

@@ -140,6 +140,10 @@ class Where(NamedTuple):
 def _attend_groups(q, positions, k_groups, v_groups, blocks) -> jax.Array:
     """Decode attention group by group: rows of q [B,H,1,K] are the cache slots in group order; group g
     reads at least its first blocks[g] blocks (`lax.switch`: only that branch runs; 0: none, zeros out)."""
+    # Block counts compiled: 0, powers of two below the window, the window (fewer branches to compile; a
+    # group reads at most twice the blocks it needs).
+    window = len(k_groups[0])
+    counts = sorted({0, window} | {2 ** i for i in range(window.bit_length()) if 2 ** i < window})
     outs, start = [], 0
     for g, (ks, vs) in enumerate(zip(k_groups, v_groups)):
         n = ks[0].shape[0]
@@ -153,12 +157,9 @@ def _attend_groups(q, positions, k_groups, v_groups, blocks) -> jax.Array:
             return _attend(qg, ks[:count], vs[:count], pg, k_pos)
 
         if blocks is None:
-            outs.append(read(len(ks), qg, pg))
+            outs.append(read(window, qg, pg))
         else:
-            # Block counts compiled: 0, powers of two below the window, the window (fewer branches to
-            # compile; a group reads at most twice the blocks it needs).
-            counts = sorted({0, len(ks)} | {2 ** i for i in range(len(ks).bit_length()) if 2 ** i < len(ks)})
-            branch = jnp.searchsorted(jnp.asarray(counts), jnp.clip(blocks[g], 0, len(ks)))
+            branch = jnp.searchsorted(jnp.asarray(counts), jnp.clip(blocks[g], 0, window))
             outs.append(jax.lax.switch(branch, [functools.partial(read, c) for c in counts], qg, pg))
         start += n
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)

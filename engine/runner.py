@@ -226,19 +226,17 @@ class Runner:
         [k, width, N]). `reach` [S] (host ints, optional): the cache positions each slot reads up to in
         this call (0 for a free slot); each slot group then reads only the blocks its slots reach."""
         width = width or self.ecfg.max_slots
-        blocks = self.state.cache.group_blocks(width, window, None if reach is None else list(reach))
+        blocks = self.state.cache.group_blocks(width, window, reach)
         self.state, out = self._decode(self.params, self.state, window, width, np.asarray(blocks, np.int32))
         return out
 
     def move(self, moves: list[tuple[int, int]]) -> None:
         """Copy every per-slot row (KV cache included) from src to dst slot, for each (src, dst) in order:
         one call per move, compiled per (src group, dst group) pair of the cache's slot groups."""
+        cache = self.state.cache
         for src, dst in moves:
-            self.state = self._move(self.state, np.int32(src), np.int32(dst), self._group_of(src),
-                                    self._group_of(dst))
-
-    def _group_of(self, slot: int) -> int:
-        return slot // (self.ecfg.max_slots // self.groups)
+            self.state = self._move(self.state, np.int32(src), np.int32(dst), cache.group_of(src),
+                                    cache.group_of(dst))
 
     def warmup(self, buckets: tuple[int, ...], windows: tuple[int, ...], widths: tuple[int, ...] = ()) -> None:
         """Compile every program: each (bucket, batch size) prefill and each (window, width) decode."""
@@ -249,14 +247,12 @@ class Runner:
         for window in windows:
             for width in widths or (self.ecfg.max_slots,):
                 jax.block_until_ready(self.decode(window, width))
-        size = self.ecfg.max_slots // self.groups
-        for gs in range(self.groups):  # every (src group, dst group) move program; slots are free here
-            for gd in range(self.groups):
-                self.move([(gs * size, gd * size)])
+        starts = [sum(self.state.cache.group_sizes[:g]) for g in range(self.groups)]
+        self.move([(a, b) for a in starts for b in starts])  # every (src, dst) group pair; slots are free here
         jax.block_until_ready(self.state)
 
 
-def _move_row(state: DecodeState, src, dst, src_group: int, dst_group: int) -> DecodeState:
+def _move_row(state: DecodeState, src, dst, src_group: tuple[int, int], dst_group: tuple[int, int]) -> DecodeState:
     """Row dst of every per-slot array (dim 0) takes row src; the cache's rows are in the given (static)
     slot groups, so each block array copies one row in place."""
     rest = jax.tree.map(lambda a: jax.lax.dynamic_update_index_in_dim(a, jax.lax.dynamic_index_in_dim(a, src, 0),

@@ -23,7 +23,10 @@ import dataclasses
 from collections import deque
 from collections.abc import Sequence
 
+from engine.prefill_packing import PrefillBatch, pack_prefills
 from engine.sampling import SamplingParams
+
+__all__ = ["DecodeBatch", "PrefillBatch", "Request", "Scheduler", "SchedulerConfig", "Update"]
 
 MAX_POSITIONS = 1024
 
@@ -125,28 +128,13 @@ class Request:
 
 
 @dataclasses.dataclass(frozen=True)
-class PrefillBatch:
-    """One prefill call: `size` rows of `bucket` tokens holding the prompts of `rows` packed end to end
-    (prompt i at row places[i][0], starting at token places[i][1]); one first token sampled per prompt."""
-    bucket: int  # row length (tokens)
-    size: int  # padded row count, one of prefill_batch_sizes[bucket]
-    rows: tuple[tuple[int, Request], ...]  # (slot, request) per prompt, in sampling order
-    places: tuple[tuple[int, int], ...] = ()  # (row, offset) per prompt; empty: prompt i alone in row i
-    prompts: int = 0  # prompts the program samples (>= len(rows)); 0: size
-
-    @property
-    def capacity(self) -> int:
-        return self.prompts or self.size
-
-    def placement(self) -> tuple[tuple[int, int], ...]:
-        return self.places or tuple((i, 0) for i in range(len(self.rows)))
-
-
-@dataclasses.dataclass(frozen=True)
 class DecodeBatch:
     window: int  # attention window: covers every decoded slot's cache length + decode_steps (capped)
     slots: tuple[int, ...]  # prefilled live slots, ascending
     num_slots: int = 0  # the call decodes slots [0, num_slots): one of decode_slot_counts, > max(slots)
+    # Per slot of `slots`: the cache positions it reads up to in this call (derived from the slots'
+    # requests, so not part of equality).
+    reach: tuple[int, ...] = dataclasses.field(default=(), compare=False)
 
 
 @dataclasses.dataclass
@@ -221,7 +209,7 @@ class Scheduler:
     # -- prefill ---------------------------------------------------------------------------------
 
     def schedule_prefills(self) -> list[PrefillBatch]:
-        """Admit waiting requests FIFO into free slots, then pack them into prefill calls (`_pack`).
+        """Admit waiting requests FIFO into free slots, then pack them into prefill calls.
 
         Requests admitted together take the free slots longest-first (prompt + max_new_tokens, ties in
         arrival order), so slots of similar length sit together: the KV cache is read per group of
@@ -233,52 +221,11 @@ class Scheduler:
         for slot, request in zip(free, admitted):
             request.slot = slot
             self._slots[slot] = request
-        return self._pack([(r.slot, r) for r in admitted])
+        return pack_prefills([(r.slot, r) for r in admitted], self.config)
 
     def bucket_for(self, prompt_len: int) -> int:
         """The smallest prefill bucket >= prompt_len (add() guarantees one exists)."""
         return self.config.prefill_buckets[bisect.bisect_left(self.config.prefill_buckets, prompt_len)]
-
-    def _pack(self, admitted: list[tuple[int, Request]]) -> list[PrefillBatch]:
-        """Longest prompt first: the next call's row length is its bucket or the next one up, whichever
-        computes fewer tokens per prompt token (`_fill`; longer rows pack more prompts but cost more
-        attention). Repeats until every prompt is placed."""
-        pending = sorted(admitted, key=lambda sr: -sr[1].prompt_len)
-        buckets, batches = self.config.prefill_buckets, []
-        while pending:
-            first = bisect.bisect_left(buckets, pending[0][1].prompt_len)
-            options = [self._fill(b, pending) for b in buckets[first: first + 2]]
-            batch, pending = min(options, key=lambda o: self._cost(o[0]))
-            batches.append(batch)
-        return batches
-
-    def _fill(self, bucket: int, pending: list[tuple[int, Request]]) -> tuple[PrefillBatch, list]:
-        """One call of rows of `bucket` tokens filled first-fit from `pending` (longest first, so a shorter
-        prompt goes into the first row with room and short prompts fill the gaps long ones leave), up to
-        the bucket's largest row count and prompt capacity; it takes the smallest batch size that holds its
-        rows and prompts. Returns the call and the prompts left over."""
-        sizes, caps = self.config.prefill_batch_sizes[bucket], self.config.prefill_prompts[bucket]
-        used: list[int] = []  # tokens taken in each row
-        rows, places, rest = [], [], []
-        for slot, request in pending:
-            n = request.prompt_len
-            row = next((i for i, u in enumerate(used) if u + n <= bucket), None)
-            if row is None and len(used) < sizes[-1] and n <= bucket:
-                row = len(used)
-                used.append(0)
-            if row is None or len(rows) == caps[-1]:
-                rest.append((slot, request))
-                continue
-            rows.append((slot, request))
-            places.append((row, used[row]))
-            used[row] += n
-        k = next(i for i, (s, c) in enumerate(zip(sizes, caps)) if s >= len(used) and c >= len(rows))
-        return PrefillBatch(bucket, sizes[k], tuple(rows), tuple(places), caps[k]), rest
-
-    def _cost(self, batch: PrefillBatch) -> float:
-        """Relative compute per prompt token: each row costs T tokens of weights plus T^2 attention pairs."""
-        per_row = batch.bucket * (1 + batch.bucket * self.config.prefill_attention_cost)
-        return batch.size * per_row / sum(r.prompt_len for _, r in batch.rows)
 
     def on_prefill_tokens(self, batch: PrefillBatch, tokens: Sequence[int],
                           extras: Sequence | None = None) -> list[Update]:
@@ -328,13 +275,13 @@ class Scheduler:
         rows = tuple((i, r) for i, r in enumerate(self._slots) if r is not None and r.output_token_ids)
         if not rows:
             return None
-        need = max(self.cache_len(r) for _, r in rows) + self.config.decode_steps
-        windows = self.config.decode_windows
-        window = windows[min(bisect.bisect_left(windows, need), len(windows) - 1)]
+        reach = tuple(min(self.cache_len(r) + self.config.decode_steps, self.config.max_seq_len) for _, r in rows)
+        windows = self.config.decode_windows  # the last one is max_seq_len
+        window = windows[bisect.bisect_left(windows, max(reach))]
         self._in_flight = rows
         counts = self.config.decode_slot_counts
         width = counts[bisect.bisect_right(counts, rows[-1][0])]
-        return DecodeBatch(window, tuple(slot for slot, _ in rows), width)
+        return DecodeBatch(window, tuple(slot for slot, _ in rows), width, reach)
 
     def on_decode_tokens(self, tokens: Sequence[Sequence[int]],
                          extras: Sequence[Sequence] | None = None) -> list[Update]:

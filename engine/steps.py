@@ -85,11 +85,9 @@ class StepRunner:
 
     def _decode(self, batch: DecodeBatch) -> list[Update]:
         live = {s: self.scheduler.request_at(s) for s in batch.slots}
-        sc = self.scheduler.config
-        reach = [0] * sc.max_slots  # cache positions each live slot reads up to in this call
-        for s, r in live.items():
-            if r is not None:
-                reach[s] = min(self.scheduler.cache_len(r) + sc.decode_steps, sc.max_seq_len)
+        reach = [0] * self.scheduler.config.max_slots  # free slots read nothing
+        for slot, n in zip(batch.slots, batch.reach):
+            reach[slot] = n
         out = self.runner.decode(batch.window, batch.num_slots, reach)
         host = _fetch(out, any(r is not None and r.params.logprobs is not None for r in live.values()))
         tokens = host["tokens"].tolist()

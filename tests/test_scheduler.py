@@ -481,13 +481,20 @@ def test_randomized_simulation_every_request_finishes_once():
         sched.add(make_request(req.request_id))
 
 
-def test_scheduler_imports_only_the_standard_library_and_sampling():
+def _imports(module) -> set[str]:
     import ast
-    import engine.scheduler as module
     tree = ast.parse(open(module.__file__).read())
     names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert names <= {"__future__", "bisect", "dataclasses", "collections", "collections.abc", "engine.sampling"}
+    return names | {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+
+
+def test_scheduler_imports_only_the_standard_library_and_sampling():
+    """The scheduler and its prefill packing stay plain Python (no JAX, no NumPy, no model)."""
+    import engine.prefill_packing
+    import engine.scheduler
+    assert _imports(engine.scheduler) <= {"__future__", "bisect", "dataclasses", "collections", "collections.abc",
+                                          "engine.sampling", "engine.prefill_packing"}
+    assert _imports(engine.prefill_packing) <= {"__future__", "bisect", "dataclasses", "typing", "engine.scheduler"}
 
 
 def test_decode_width_is_the_smallest_slot_count_above_the_highest_live_slot():
