@@ -157,22 +157,24 @@ class EngineConfig:
         return min(self.max_slots, max(rows, rows * bucket // granule))
 
     def decode_windows(self, block: int) -> tuple[int, ...]:
-        """Attention windows compiled for decode (the KV cache is read in whole blocks): every block
-        multiple up to 4 blocks, then doubling, below the context; and the context itself."""
+        """Attention windows compiled for decode (the KV cache is read in whole blocks): block x 2^i below
+        the context, and the context. Inside a window each slot group reads only the blocks its live
+        slots reach (a per-call input), so finer windows would mostly multiply programs."""
         windows, size = [], block
         while size < self.max_seq_len:
             windows.append(size)
-            size = size + block if size < 4 * block else 2 * size
+            size *= 2
         return tuple(windows + [self.max_seq_len])
 
     def decode_widths(self, data: int = 1, group: int | None = None) -> tuple[int, ...]:
-        """Slot counts compiled for decode (a call runs slots [0, n)): data, 2 data, 4 data, ... below
-        `group` (the KV cache's slots per group; default max_slots), then every multiple of `group` up to
-        max_slots (whole groups are read in place, so each step of a group trims that much work).
-        Multiples of the mesh's data axis so every device keeps equal rows."""
-        group = group or self.max_slots
-        widths, size = [], data
-        while size < group:
+        """Slot counts compiled for decode (a call runs slots [0, n)): `group` (the KV cache's slots per
+        group; default max_slots), 4 x group, 16 x group, ... below max_slots, and max_slots. Whole groups
+        are read in place (a part of a group would be copied out and back every call), and steps of 4 keep
+        the program count at log4 of the group count while a call computes at most 4x its live rows (at
+        small widths decode streams the weights, which costs about the same for 1 row or 4). With slots
+        over `data` (one group) every call runs all slots: a narrower one would reslice the sharded cache."""
+        size, widths = max(group or self.max_slots, data), []
+        while size < self.max_slots:
             widths.append(size)
-            size *= 2
-        return tuple(widths + list(range(group, self.max_slots + 1, group)))
+            size *= 4
+        return tuple(widths + [self.max_slots])

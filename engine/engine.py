@@ -22,8 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from engine.config import EngineConfig, GPT2Config, preset
-from engine.kv_cache import block_size
 from engine.requests import Completion, RequestFactory, completion_of
+from engine.kv_cache import block_size
+from engine.programs import enable_compilation_cache
 from engine.runner import Runner
 from engine.sampling import SamplingParams, broadcast_params
 from engine.scheduler import Request, Scheduler, SchedulerConfig, Update
@@ -56,13 +57,16 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike, *, tokenizer=None, dtype: str = "float32",
                         load_format: str = "auto", mesh: str | jax.sharding.Mesh | None = None,
-                        **engine_options) -> Engine:
+                        compile_cache: bool | str | os.PathLike = True, **engine_options) -> Engine:
         """Load a GPT-2 checkpoint (HF folder or hub id, or a `weights.convert` orbax folder), or random
         weights with load_format="dummy". `mesh` ("data=D,model=M" or a Mesh over ("data", "model"); default
         the first device) is checked against the model before any weight is read; each parameter is then
-        read straight into its shard."""
+        read straight into its shard. `compile_cache` (default on): keep compiled programs in JAX's
+        persistent cache (see `engine.programs.enable_compilation_cache`; a path picks the folder)."""
         if load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format: expected one of {LOAD_FORMATS}, got {load_format!r}")
+        if compile_cache:
+            enable_compilation_cache(None if compile_cache is True else compile_cache)
         jmesh = make_mesh(mesh)
         ecfg = EngineConfig(dtype=dtype, mesh=None if mesh is None else describe(jmesh), **engine_options)
         folder, cfg, load_format = _locate(model, load_format)
@@ -89,10 +93,17 @@ class Engine:
             decode_slot_counts=ecfg.decode_widths(self.mesh.shape["data"], ecfg.max_slots // self.runner.groups),
             eos_token_id=self.config.eos_token_id)
 
-    def warmup(self) -> None:
-        """Compile every program now; afterwards no prompt length or parameter mix compiles again."""
+    def warmup(self) -> dict[str, float]:
+        """Compile every program now (in parallel); afterwards no prompt length or parameter mix compiles
+        again. Returns the compile seconds per program class; `num_programs` says how many there are."""
         sc = self.scheduler.config
-        self.runner.warmup(sc.prefill_buckets, sc.decode_windows, sc.decode_slot_counts)
+        return self.runner.warmup(sc.prefill_buckets, sc.decode_windows, sc.decode_slot_counts)
+
+    @property
+    def num_programs(self) -> int:
+        """How many programs `warmup` compiles for this configuration (prefill + decode + move)."""
+        sc = self.scheduler.config
+        return len(self.runner.programs(sc.prefill_buckets, sc.decode_windows, sc.decode_slot_counts))
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """Next-token logits for every position of one sequence: float32 [len(token_ids), vocab_size]."""

@@ -85,15 +85,6 @@ class KVCache:
     def block(self) -> int:
         return self.k[0][0][0].shape[2]
 
-    def group_of(self, slot: int) -> tuple[int, int]:
-        """(group, first slot of that group) holding a host slot index."""
-        start = 0
-        for g, n in enumerate(self.group_sizes):
-            if slot < start + n:
-                return g, start
-            start += n
-        raise IndexError(f"slot {slot} is past the cache's {start} slots")
-
     def head_sizes(self, width: int) -> tuple[int, ...]:
         """Slots per group of `head(width)`."""
         out, start = [], 0
@@ -177,14 +168,30 @@ class KVCache:
         return KVCache(tuple(map(put, self.k, head.k)), tuple(map(put, self.v, head.v)),
                        self.lengths.at[:width].set(head.lengths))
 
-    def copy_slot(self, src, dst, src_group: tuple[int, int], dst_group: tuple[int, int]) -> KVCache:
-        """Slot dst takes slot src's K/V and length (traced slot indices; their static `group_of`)."""
-        (src_group, s0), (dst_group, d0) = src_group, dst_group
+    def copy_slot(self, src, dst) -> KVCache:
+        """Slot dst takes slot src's K/V and length (traced slot indices, any groups): one program for every
+        pair. Each block array gives one row (the source's group counts) and takes one row, in place."""
+        starts = [sum(self.group_sizes[:g]) for g in range(len(self.group_sizes))]
+
+        def local(slot, g: int, size: int):
+            return jnp.clip(slot - starts[g], 0, size - 1), (slot >= starts[g]) & (slot < starts[g] + size)
 
         def move(groups: Groups) -> Groups:
-            new = tuple(jax.lax.dynamic_update_index_in_dim(b, jax.lax.dynamic_index_in_dim(a, src - s0, 0), dst - d0, 0)
-                        for a, b in zip(groups[src_group], groups[dst_group]))
-            return groups[:dst_group] + (new,) + groups[dst_group + 1:]
+            rows = []
+            for b in range(len(groups[0])):
+                row = None
+                for g, blocks in enumerate(groups):
+                    i, inside = local(src, g, blocks[b].shape[0])
+                    r = jax.lax.dynamic_index_in_dim(blocks[b], i, 0)
+                    row = r if row is None else jnp.where(inside, r, row)
+                rows.append(row)
+            out = []
+            for g, blocks in enumerate(groups):
+                i, inside = local(dst, g, blocks[0].shape[0])
+                out.append(tuple(jax.lax.dynamic_update_index_in_dim(
+                    a, jnp.where(inside, rows[b], jax.lax.dynamic_index_in_dim(a, i, 0)), i, 0)
+                    for b, a in enumerate(blocks)))
+            return tuple(out)
 
         return KVCache(tuple(map(move, self.k)), tuple(map(move, self.v)), self.lengths.at[dst].set(self.lengths[src]))
 

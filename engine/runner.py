@@ -29,6 +29,7 @@ from flax import nnx
 from engine.config import EngineConfig, GPT2Config
 from engine.kv_cache import CACHE_AXES, KVCache, slot_groups
 from engine.processors import process_logits, sample, top_logprobs, uses_penalties
+from engine.programs import Program, compile_all
 from engine.sampling import MAX_LOGPROBS, SamplingParams, SlotParams, slot_params
 from engine.sharding import make_mesh, named_sharding, partition_spec, per_shard, replicated, tree_shardings
 
@@ -126,10 +127,10 @@ class Runner:
         self.state_shardings = tree_shardings(self.mesh, state_axes(cfg, self.max_len, self.groups))
         outs = (self.state_shardings, replicated(self.mesh))
         self.state = self._initial_state(cache_dtype)
-        self._prefill = jax.jit(self._prefill_impl, donate_argnums=(1,), out_shardings=outs)
-        self._decode = jax.jit(self._decode_impl, donate_argnums=(1,), static_argnums=(2, 3), out_shardings=outs)
-        self._move = jax.jit(_move_row, donate_argnums=(0,), static_argnums=(3, 4),
-                             out_shardings=self.state_shardings)
+        self._prefill = Program("prefill", self._prefill_impl, donate_argnums=(1,), out_shardings=outs)
+        self._decode = Program("decode", self._decode_impl, donate_argnums=(1,), static_argnums=(2, 3),
+                               out_shardings=outs)
+        self._move = Program("move", _move_row, donate_argnums=(0,), out_shardings=self.state_shardings)
 
     def _initial_state(self, cache_dtype) -> DecodeState:
         s, v = self.ecfg.max_slots, self.cfg.padded_vocab_size
@@ -184,20 +185,26 @@ class Runner:
             seen=put(state.seen, seen), counts=put(state.counts, counts))
         return state, out
 
-    def _decode_impl(self, params, state: DecodeState, window: int, width: int, blocks):
+    def _decode_impl(self, params, state: DecodeState, window: int, width: int, blocks, live):
         """k steps of slots [0, width): the others are sliced off first and put back untouched after."""
         self.trace_count += 1
         if width == self.ecfg.max_slots:
-            return self._decode_rows(params, state, window, blocks)
+            return self._decode_rows(params, state, window, blocks, live)
         rest = dataclasses.replace(state, cache=None)
         head = dataclasses.replace(jax.tree.map(lambda a: a[:width], rest), cache=state.cache.head(width))
-        head, out = self._decode_rows(params, head, window, blocks)
+        head, out = self._decode_rows(params, head, window, blocks, live)
         merged = jax.tree.map(lambda a, h: a.at[:width].set(h), rest, dataclasses.replace(head, cache=None))
         return dataclasses.replace(merged, cache=state.cache.with_head(head.cache)), out
 
-    def _decode_rows(self, params, state: DecodeState, window: int, blocks):
+    def _decode_rows(self, params, state: DecodeState, window: int, blocks, live):
         model = self._model(params)
         last = self.max_len - 1
+        # Free slots (live False) get neutral parameters, so an all-greedy call takes the fast paths
+        # (no warpers, penalties or log-softmax) whatever the slots' previous requests asked for.
+        neutral = neutral_params(live.shape[0])
+        state = dataclasses.replace(
+            state, params=SlotParams(*(jnp.where(live, a, n) for a, n in zip(state.params, neutral))),
+            wants_logprobs=state.wants_logprobs & live)
 
         def step(st: DecodeState, _):
             positions = jnp.minimum(st.cache.lengths, last)[:, None]
@@ -218,7 +225,7 @@ class Runner:
 
     def prefill(self, rows: PrefillRows) -> Sampled:
         """Run one prefill call; returns device arrays [B] (and [B, N] for the logprobs)."""
-        self.state, out = self._prefill(self.params, self.state, rows)
+        self.state, out = self._prefill(_prefill_key(rows), self.params, self.state, rows)
         return out
 
     def decode(self, window: int, width: int | None = None, reach=None) -> Sampled:
@@ -227,37 +234,53 @@ class Runner:
         this call (0 for a free slot); each slot group then reads only the blocks its slots reach."""
         width = width or self.ecfg.max_slots
         blocks = self.state.cache.group_blocks(width, window, reach)
-        self.state, out = self._decode(self.params, self.state, window, width, np.asarray(blocks, np.int32))
+        live = np.ones(width, bool) if reach is None else np.asarray(reach[:width]) > 0
+        self.state, out = self._decode((window, width), self.params, self.state, window, width,
+                                       np.asarray(blocks, np.int32), live)
         return out
 
     def move(self, moves: list[tuple[int, int]]) -> None:
         """Copy every per-slot row (KV cache included) from src to dst slot, for each (src, dst) in order:
-        one call per move, compiled per (src group, dst group) pair of the cache's slot groups."""
-        cache = self.state.cache
+        one call per move, one program for every pair of slots."""
         for src, dst in moves:
-            self.state = self._move(self.state, np.int32(src), np.int32(dst), cache.group_of(src),
-                                    cache.group_of(dst))
+            self.state = self._move((), self.state, np.int32(src), np.int32(dst))
 
-    def warmup(self, buckets: tuple[int, ...], windows: tuple[int, ...], widths: tuple[int, ...] = ()) -> None:
-        """Compile every program: each (bucket, batch size) prefill and each (window, width) decode."""
+    def programs(self, buckets: tuple[int, ...], windows: tuple[int, ...], widths: tuple[int, ...] = ()) -> list:
+        """(program, key, example args) of every program the engine can run: each (bucket, rows) prefill,
+        each (window, width) decode, and the move."""
+        out = []
         for bucket in buckets:
             for size in self.ecfg.prefill_batch_sizes(bucket):
-                prompts = self.ecfg.prefill_prompts(bucket, size)
-                jax.block_until_ready(self.prefill(dummy_rows(size, bucket, prompts, self.ecfg.max_slots)))
+                rows = dummy_rows(size, bucket, self.ecfg.prefill_prompts(bucket, size), self.ecfg.max_slots)
+                out.append((self._prefill, _prefill_key(rows), (self.params, self.state, rows)))
         for window in windows:
             for width in widths or (self.ecfg.max_slots,):
-                jax.block_until_ready(self.decode(window, width))
-        starts = [sum(self.state.cache.group_sizes[:g]) for g in range(self.groups)]
-        self.move([(a, b) for a in starts for b in starts])  # every (src, dst) group pair; slots are free here
-        jax.block_until_ready(self.state)
+                blocks = np.asarray(self.state.cache.group_blocks(width, window), np.int32)
+                args = (self.params, self.state, window, width, blocks, np.ones(width, bool))
+                out.append((self._decode, (window, width), args))
+        out.append((self._move, (), (self.state, np.int32(0), np.int32(0))))
+        return out
+
+    def warmup(self, buckets: tuple[int, ...], windows: tuple[int, ...], widths: tuple[int, ...] = ()) -> dict:
+        """Compile every program (in parallel; none runs): afterwards no prompt length, slot count or
+        parameter mix compiles again. Returns the compile seconds per program class."""
+        return compile_all(self.programs(buckets, windows, widths))
+
+    @property
+    def num_compiled(self) -> int:
+        return len(self._prefill) + len(self._decode) + len(self._move)
 
 
-def _move_row(state: DecodeState, src, dst, src_group: tuple[int, int], dst_group: tuple[int, int]) -> DecodeState:
-    """Row dst of every per-slot array (dim 0) takes row src; the cache's rows are in the given (static)
-    slot groups, so each block array copies one row in place."""
+def _prefill_key(rows: PrefillRows) -> tuple[int, int, int]:
+    """(rows, bucket, prompts): the shape of a prefill call."""
+    return rows.tokens.shape + rows.slots.shape
+
+
+def _move_row(state: DecodeState, src, dst) -> DecodeState:
+    """Row dst of every per-slot array (dim 0) takes row src, in place (cache rows included)."""
     rest = jax.tree.map(lambda a: jax.lax.dynamic_update_index_in_dim(a, jax.lax.dynamic_index_in_dim(a, src, 0),
                                                                    dst, 0), dataclasses.replace(state, cache=None))
-    return dataclasses.replace(rest, cache=state.cache.copy_slot(src, dst, src_group, dst_group))
+    return dataclasses.replace(rest, cache=state.cache.copy_slot(src, dst))
 
 
 def _put_rows(slots, target, rows):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from typing import TYPE_CHECKING
 
 from engine.config import EngineConfig
@@ -67,21 +66,8 @@ def load_engine(args: argparse.Namespace, options: dict) -> Engine:
     EngineLoadError (the traceback goes to the DEBUG log)."""
     from engine.engine import Engine  # imports JAX: after the cheap checks
 
-    enable_compilation_cache()
     try:
         return Engine.from_pretrained(args.model, tokenizer=args.tokenizer, load_format=args.load_format, **options)
     except Exception as e:
         log.debug("model load failed", exc_info=True)
         raise EngineLoadError(f"cannot load model {args.model!r}: {e}") from None
-
-
-def enable_compilation_cache() -> None:
-    """Keep compiled programs across runs (JAX's persistent cache): in $JAX_COMPILATION_CACHE_DIR when set
-    (JAX reads it itself), else in $XDG_CACHE_HOME/gpt2-jax-engine/xla (~/.cache by default). A second
-    run with the same model and engine flags then skips most of its compile time."""
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        return
-    import jax
-
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    jax.config.update("jax_compilation_cache_dir", os.path.join(base, "gpt2-jax-engine", "xla"))

@@ -544,9 +544,10 @@ def test_compact_waits_while_requests_wait_for_a_slot():
     assert sched.compact() == []
 
 
-def test_decode_widths_step_by_whole_slot_groups():
-    """Powers of two (times the data axis) below a slot group, then every whole group: a narrower call
-    reads whole groups of the cache in place."""
-    assert EngineConfig(max_slots=64).decode_widths(1, 16) == (1, 2, 4, 8, 16, 32, 48, 64)
-    assert EngineConfig(max_slots=16).decode_widths(1, 4) == (1, 2, 4, 8, 12, 16)
-    assert EngineConfig(max_slots=16).decode_widths(2) == (2, 4, 8, 16)  # slots over data=2: one group
+def test_decode_widths_step_by_whole_groups_times_four():
+    """Whole slot groups times powers of four, then max_slots: log4(groups) + 1 decode programs, one
+    windows doubling in blocks, and no partial group."""
+    assert EngineConfig(max_slots=64).decode_widths(1, 16) == (16, 64)
+    assert EngineConfig(max_slots=256).decode_widths(1, 4) == (4, 16, 64, 256)
+    assert EngineConfig(max_slots=16).decode_widths(2) == (16,)  # slots over data=2: one group, no reslicing
+    assert EngineConfig(max_slots=16, max_seq_len=1000).decode_windows(128) == (128, 256, 512, 1000)

@@ -1,0 +1,161 @@
+"""Start-up: how long until the engine serves, with an empty and with a warm compile cache.
+
+    python benchmarks/startup.py [--skip-xl] [--json-out startup.json]
+
+Each figure is a fresh process (`python -m launch.serve` or `python -m launch.batch`) timed from spawn:
+- serve gpt2 (a random 124M safetensors checkpoint), default engine: until `/health` answers 200, every
+  program compiled (the server warms up before it opens its port); cold = empty compile cache
+  ($XDG_CACHE_HOME in a new temporary folder), warm = the same folder again;
+- serve gpt2-xl (`--load-format dummy`), cold: compile time should barely grow with depth;
+- `launch.batch examples/prompts.jsonl` with the gpt2 checkpoint, process start to exit, cold and warm;
+- `init_dummy` of gpt2 in this process.
+The peak `/proc/PID/maps` line count of each child is sampled every 0.2 s (the kernel's default
+vm.max_map_count is 65,530). Prints a table, then one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import environment  # noqa: E402
+from benchmarks.random_checkpoint import write_random_checkpoint  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _maps(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return 0
+
+
+def _healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def _env(cache: Path) -> dict:
+    return {**os.environ, "XDG_CACHE_HOME": str(cache), "GPT2_ENGINE_COMPILE_CACHE": str(cache / "xla"),
+            "JAX_PLATFORMS": "cpu"}
+
+
+def serve(model: str, cache: Path, extra: list[str], timeout: float) -> dict:
+    """Seconds from spawn to /health 200, and the peak map count until then."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "launch.serve", "--model", model, "--port", str(port), *extra]
+    t0, peak = time.perf_counter(), 0
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(cache), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        while time.perf_counter() - t0 < timeout:
+            peak = max(peak, _maps(proc.pid))
+            if proc.poll() is not None:
+                raise RuntimeError(f"{cmd} exited {proc.returncode}: {proc.stderr.read()[-2000:]}")
+            if _healthy(port):
+                return {"seconds": time.perf_counter() - t0, "peak_maps": max(peak, _maps(proc.pid))}
+            time.sleep(0.2)
+        raise RuntimeError(f"{cmd} not healthy after {timeout}s")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def batch(model: str, cache: Path, work: Path) -> dict:
+    out = work / "prompts.out.jsonl"
+    out.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "launch.batch", str(ROOT / "examples/prompts.jsonl"), "--model", model,
+           "--output", str(out)]
+    t0, peak = time.perf_counter(), 0
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(cache), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    while proc.poll() is None:
+        peak = max(peak, _maps(proc.pid))
+        time.sleep(0.2)
+    if proc.returncode:
+        raise RuntimeError(f"{cmd} exited {proc.returncode}: {proc.stderr.read()[-2000:]}")
+    return {"seconds": time.perf_counter() - t0, "peak_maps": peak}
+
+
+def dummy_init_seconds() -> float:
+    import jax
+    import jax.numpy as jnp
+
+    from engine.config import preset
+    from weights.loader import init_dummy
+
+    t0 = time.perf_counter()
+    jax.block_until_ready(init_dummy(preset("gpt2"), jnp.float32)[1])
+    return time.perf_counter() - t0
+
+
+def _tokenizer_dir() -> Path | None:
+    for d in (ROOT / "engine/gpt2_tokenizer", ROOT.parent / "shared/data/gpt2-tokenizer"):
+        if (d / "vocab.json").is_file():
+            return d
+    return None
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--skip-xl", action="store_true")
+    p.add_argument("--timeout", type=float, default=900)
+    p.add_argument("--json-out")
+    args = p.parse_args(argv)
+    from engine.config import preset
+
+    work = Path(tempfile.mkdtemp(prefix="startup-"))
+    try:
+        ckpt = write_random_checkpoint(preset("gpt2"), work / "gpt2")
+        tok = _tokenizer_dir()
+        if tok is not None:
+            for f in ("vocab.json", "merges.txt"):
+                shutil.copy(tok / f, ckpt / f)
+        rows = {}
+        cache = work / "cache-serve"
+        rows["serve gpt2 cold"] = serve(str(ckpt), cache, [], args.timeout)
+        rows["serve gpt2 warm"] = serve(str(ckpt), cache, [], args.timeout)
+        if not args.skip_xl:
+            rows["serve gpt2-xl cold (dummy)"] = serve("gpt2-xl", work / "cache-xl", ["--load-format", "dummy"],
+                                                       args.timeout)
+        cache = work / "cache-batch"
+        rows["batch prompts.jsonl gpt2 cold"] = batch(str(ckpt), cache, work)
+        rows["batch prompts.jsonl gpt2 warm"] = batch(str(ckpt), cache, work)
+        rows["init_dummy gpt2 (in process)"] = {"seconds": dummy_init_seconds(), "peak_maps": None}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"{'what':34s} {'seconds':>8s} {'peak maps':>10s}", file=sys.stderr)
+    for name, r in rows.items():
+        print(f"{name:34s} {r['seconds']:8.1f} {r['peak_maps'] if r['peak_maps'] is not None else '-':>10}",
+              file=sys.stderr)
+    line = json.dumps({"startup": rows, **environment()})
+    if args.json_out:
+        Path(args.json_out).write_text(line + "\n")
+    print(line)
+
+
+if __name__ == "__main__":
+    main()
