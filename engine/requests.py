@@ -79,6 +79,10 @@ class RequestFactory:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("prompt: a text prompt needs a tokenizer; pass tokenizer= or token ids")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as e:  # JSON allows lone surrogates (\ud800); they are not text
+                raise ValueError(f"prompt: not valid Unicode text ({e.reason} at character {e.start})") from None
             ids = self.tokenizer.encode(prompt)
             field = "prompt"
         else:

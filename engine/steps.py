@@ -96,10 +96,11 @@ class StepRunner:
             updates = call()
         except Exception as e:
             self.failed_calls += 1
+            log.exception("a device call failed; failing the requests it ran")
+            failed = self.scheduler.fail_calls(f"internal error: {type(e).__name__}: {e}", prefill)
             if self.failed_calls >= MAX_FAILED_CALLS:
                 raise EngineFailedError(f"{self.failed_calls} device calls failed in a row; last: {e!r}") from e
-            log.exception("a device call failed; failing the requests it ran")
-            return self.scheduler.fail_calls(f"internal error: {type(e).__name__}: {e}", prefill)
+            return failed
         self.failed_calls = 0
         return updates
 
