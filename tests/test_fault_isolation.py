@@ -11,9 +11,7 @@ from engine import steps
 from engine.async_engine import AsyncEngine, RequestError
 from engine.engine import Engine
 from engine.sampling import SamplingParams
-from tests.checkpoints import make_tiny_checkpoint
 
-OPTIONS = dict(max_slots=4, max_seq_len=128, decode_steps=4, prefill_buckets=(32,), prefill_token_budget=64)
 PROMPTS = ["Hello world", "The quick brown fox", "Once upon", "A B C"]
 PARAMS = [SamplingParams(max_new_tokens=14, ignore_eos=True, seed=i, temperature=0.9 if i % 2 else 0.0)
           for i in range(len(PROMPTS))]
@@ -21,8 +19,8 @@ POISONED = 1  # index of the request whose detokenizer fails
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory) -> Engine:
-    return Engine.from_pretrained(make_tiny_checkpoint(tmp_path_factory.mktemp("tiny")), **OPTIONS)
+def engine(tiny_engine) -> Engine:
+    return tiny_engine
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +70,10 @@ def test_a_failing_device_call_fails_its_requests_and_the_engine_goes_on(engine,
         return decode(*args, **kw)
 
     monkeypatch.setattr(engine.runner, "decode", decode_failing_once)
-    done = engine.generate(PROMPTS, PARAMS)
-    assert {c.finish_reason for c in done} == {"error"} and "injected device fault" in done[0].error
+    done = engine.generate(PROMPTS, PARAMS)  # two slots: the failed call ran the first two requests
+    assert [c.finish_reason for c in done] == ["error", "error", "length", "length"]
+    assert all("injected device fault" in c.error for c in done[:2])
+    assert [(c.text, c.token_ids) for c in done[2:]] == normal[2:]
     assert [(c.text, c.token_ids) for c in engine.generate(PROMPTS, PARAMS)] == normal
 
 
