@@ -7,9 +7,11 @@ command queue (add / abort / shutdown). The engine thread's loop: drain the queu
 back to the submitting event loop with `loop.call_soon_threadsafe`, into that request's asyncio.Queue.
 
 Invariants:
-- Prompts are validated and tokenized in the caller (a bad one raises there, before anything is queued).
+- Prompts are validated and tokenized in the caller (a bad one raises there, before anything is queued);
+  `submit_async` does that on a worker thread, so an event loop never waits for a long prompt's tokens.
 - Every submitted request ends in exactly one of: a last `Delta` with `finish_reason` set, or an error
-  item (the engine shut down or failed) delivered to its stream.
+  item delivered to its stream: `RequestError` when it failed alone (its submission's other requests are
+  aborted, every other submission goes on), `EngineClosedError` when the engine shut down or cannot run.
 - A stream closed or cancelled before its end aborts its requests (`Scheduler.abort`): their slots are
   free before the next decode call.
 - `stats().waiting` counts requests submitted but not yet in a slot. With `max_waiting` set, a submission
@@ -29,15 +31,15 @@ from collections.abc import AsyncIterator, Sequence
 
 from engine.engine import Engine, as_prompt_list
 from engine.request_stream import Delta, EngineClosedError, QueueFullError, RequestStream, Sink
-from engine.requests import Completion, completion_of
+from engine.requests import Completion, RequestError, completion_of
 from engine.sampling import SamplingParams, broadcast_params
 from engine.scheduler import Request, Update
 from engine.serving_stats import EngineStats, RequestTiming, StatsRecorder
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AsyncEngine", "Delta", "EngineClosedError", "EngineStats", "QueueFullError", "RequestStream",
-           "RequestTiming"]
+__all__ = ["AsyncEngine", "Delta", "EngineClosedError", "EngineStats", "QueueFullError", "RequestError",
+           "RequestStream", "RequestTiming"]
 
 
 @dataclasses.dataclass(eq=False)
@@ -90,13 +92,25 @@ class AsyncEngine:
                params: SamplingParams | Sequence[SamplingParams] | None = None) -> RequestStream:
         """Queue the prompts' requests now; ValueError for a bad prompt or parameter, QueueFullError when
         `max_waiting` would be exceeded, EngineClosedError after shutdown."""
+        return self._enqueue(self._make(prompts, params), asyncio.get_running_loop())
+
+    async def submit_async(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
+                           params: SamplingParams | Sequence[SamplingParams] | None = None) -> RequestStream:
+        """`submit`, with validation and tokenisation on a worker thread (the event loop keeps serving)."""
         loop = asyncio.get_running_loop()
+        return self._enqueue(await asyncio.to_thread(self._make, prompts, params), loop)
+
+    def _make(self, prompts, params) -> list[list[Request]]:
+        """Every prompt's requests; tokenisation runs outside the lock (the tokenizer is thread-safe)."""
         prompts = as_prompt_list(prompts)
         per_prompt = broadcast_params(params, len(prompts))
+        ids = [self.engine.requests.prompt_ids(p) for p in prompts]
         base = f"req{next(self._ids)}"
         with self._make_lock:
-            groups = [self.engine.requests.make(p, sp, request_id=f"{base}.{i}")
-                      for i, (p, sp) in enumerate(zip(prompts, per_prompt))]
+            return [self.engine.requests.make(p, sp, request_id=f"{base}.{i}")
+                    for i, (p, sp) in enumerate(zip(ids, per_prompt))]
+
+    def _enqueue(self, groups: list[list[Request]], loop: asyncio.AbstractEventLoop) -> RequestStream:
         sink, now = Sink(loop), time.perf_counter()
         choices = tuple(_Choice(r, sink, i * len(g) + j, now) for i, g in enumerate(groups) for j, r in enumerate(g))
         with self._lock:
@@ -215,15 +229,22 @@ class AsyncEngine:
             self._stats.scheduler_waiting = self.engine.scheduler.num_waiting
 
     def _deliver(self, updates: list[Update]) -> None:
-        """Turn updates into deltas and send each stream its batch with one call_soon_threadsafe."""
-        now, batches = time.perf_counter(), {}
+        """Turn updates into deltas and send each stream its batch with one call_soon_threadsafe; a request
+        that failed ends its stream with a RequestError instead."""
+        now, batches, failed = time.perf_counter(), {}, {}
         for update in updates:
             choice = self._live.get(update.request.request_id)
-            if choice is None:
+            if choice is None or choice.sink in failed:
                 continue
-            batches.setdefault(choice.sink, []).append(self._delta(choice, update, now))
+            try:
+                batches.setdefault(choice.sink, []).append(self._delta(choice, update, now))
+            except Exception as e:  # this request failed (in the step or here): it alone ends
+                failed[choice.sink] = self._fail_choice(choice, e, now)
         self._stats.record_tokens(sum(len(u.new_token_ids) for u in updates), now)
         self._publish()  # before the callers see these deltas: stats never lag what they have seen
+        for sink, error in failed.items():
+            batches.pop(sink, None)
+            sink.put(error)
         for sink, deltas in batches.items():
             if not sink.put(deltas):  # its event loop is gone: nobody will read the rest
                 for rid in [r for r, c in self._live.items() if c.sink is sink]:
@@ -232,6 +253,8 @@ class AsyncEngine:
 
     def _delta(self, choice: _Choice, update: Update, now: float) -> Delta:
         req = choice.request
+        if req.finish_reason == "error":
+            raise RequestError(req.error)
         if update.new_token_ids and choice.first_token is None:
             choice.first_token = now
         text = ""
@@ -240,11 +263,22 @@ class AsyncEngine:
         logprobs = list(update.new_extras) if req.params.logprobs is not None else None
         if not update.finished:
             return Delta(choice.index, text, list(update.new_token_ids), logprobs)
+        completion = completion_of(req, self.engine.tokenizer)
         del self._live[req.request_id]
         timing = self._stats.record_finish(choice.submitted, choice.first_token, now, len(req.output_token_ids),
                                            aborted=req.finish_reason == "abort")
-        return Delta(choice.index, text, list(update.new_token_ids), logprobs, req.finish_reason,
-                     completion_of(req, self.engine.tokenizer), timing)
+        return Delta(choice.index, text, list(update.new_token_ids), logprobs, req.finish_reason, completion, timing)
+
+    def _fail_choice(self, choice: _Choice, error: Exception, now: float) -> RequestError:
+        """End `choice` and the rest of its submission (their slots free at once); the error for its stream."""
+        log.error("request %s failed: %r", choice.request.request_id, error)
+        for rid in [r for r, c in self._live.items() if c.sink is choice.sink]:
+            self.engine.scheduler.abort(rid)  # False for the failed one: already finished
+            mate = self._live.pop(rid)
+            self._stats.record_finish(mate.submitted, mate.first_token, now, len(mate.request.output_token_ids),
+                                      aborted=True)
+        message = str(error) if isinstance(error, RequestError) else f"{type(error).__name__}: {error}"
+        return RequestError(f"request {choice.request.request_id} failed: {message}")
 
     def _publish(self) -> None:
         with self._lock:

@@ -8,6 +8,10 @@ device); (2) runs one decode program that advances every live slot k tokens; (3)
 arrays to the scheduler, which appends tokens, detects eos / stop tokens / stop strings / length, and
 frees slots at once so the next step refills them. Text is detokenised incrementally per request.
 
+A request that fails while it runs (its detokenising or stop checks raise, or a device call running it
+fails) finishes alone with finish_reason "error" and `Completion.error` set; the others go on. Only a
+device that fails every call (`EngineFailedError`) stops `step`.
+
 This is the one engine module that imports `weights`.
 """
 from __future__ import annotations
@@ -22,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from engine.config import EngineConfig, GPT2Config, preset
-from engine.requests import Completion, RequestFactory, completion_of
 from engine.kv_cache import block_size
 from engine.programs import enable_compilation_cache
+from engine.requests import Completion, RequestError, RequestFactory, attach_rows, completion_of
 from engine.runner import Runner
 from engine.sampling import SamplingParams, broadcast_params
 from engine.scheduler import Request, Scheduler, SchedulerConfig, Update
@@ -116,7 +120,8 @@ class Engine:
 
     def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
                  params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Completion]:
-        """Complete every prompt; one Completion per sample, grouped by prompt in input order."""
+        """Complete every prompt; one Completion per sample, grouped by prompt in input order. A sample that
+        failed while running has finish_reason "error" and `error` set (the others are unaffected)."""
         prompts = as_prompt_list(prompts)
         per_prompt = broadcast_params(params, len(prompts))
         groups = [self.requests.make(p, sp) for p, sp in zip(prompts, per_prompt)]
@@ -128,13 +133,16 @@ class Engine:
         return [completion_of(r, self.tokenizer) for r in flat]
 
     def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Iterator[str]:
-        """Yield text deltas of one completion as tokens arrive (never half a character or a stop string)."""
+        """Yield text deltas of one completion as tokens arrive (never half a character or a stop string);
+        RequestError if the request fails while running."""
         (req,) = self.requests.make(prompt, dataclasses.replace(params or SamplingParams(), n=1))
         if req.text_stream is None:
             raise ValueError("stream: this engine has no tokenizer, so there is no text to stream")
         self.scheduler.add(req)
         while not req.finished:
             self.step()
+            if req.finish_reason == "error":
+                raise RequestError(f"request {req.request_id}: {req.error}")
             delta = req.text_stream.pop_delta()
             if delta:
                 yield delta
@@ -143,7 +151,8 @@ class Engine:
             yield rest
 
     def add_request(self, req: Request) -> None:
-        self.scheduler.add(req)
+        """Queue a request (made by `self.requests.make`, or by hand: its sampling row is computed here)."""
+        self.scheduler.add(attach_rows(req))
 
     def step(self, on_prefill: Callable[[list[Update]], None] | None = None) -> list[Update]:
         """One scheduling round: prefill admitted requests, then decode every live slot k steps (with

@@ -1,7 +1,9 @@
 """Per-request sampling parameters and their per-slot host arrays.
 
 `SamplingParams` is the user-facing, validated description of how one request samples. Field names and
-defaults follow vLLM / HF `generate`; every invalid value raises a `ValueError` naming the field.
+defaults follow vLLM / HF `generate`; every invalid value raises a `ValueError` naming the field and its
+bound. Every number is finite and bounded (the constants below; bools, NaN, infinities and over-long ints are
+rejected), so its per-slot float32/int32 row is finite: a request can never overflow inside a step.
 `SlotParams` stacks one SamplingParams per slot into fixed-dtype arrays [S], the pytree the compiled
 programs take, so a new value never recompiles. This module stays free of JAX (the scheduler imports it);
 the on-device processors and sampler live in `engine/processors.py`.
@@ -15,10 +17,22 @@ from typing import NamedTuple
 import numpy as np
 
 MAX_LOGPROBS = 20
+MAX_INT = 2**63 - 1  # ints past any context or vocabulary size (max_new_tokens, top_k) are capped here
+MAX_N = 1024
+MAX_TOKEN_ID = 2**31 - 1
+# Positive temperatures and repetition penalties stay where float32 scores cannot overflow or divide by 0.
+TEMPERATURE_RANGE = (1e-4, 100.0)
+REPETITION_PENALTY_RANGE = (1e-2, 100.0)
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
+    """How one request samples. Bounds: max_new_tokens and top_k ints in [1 | 0, 2**63) (past the context /
+    vocabulary they change nothing); temperature 0 (greedy) or in TEMPERATURE_RANGE; top_p (0, 1]; min_p
+    [0, 1]; repetition_penalty in REPETITION_PENALTY_RANGE; presence/frequency penalties [-2, 2]; seed None
+    or [0, 2**64); stop non-empty strings; stop_token_ids ints in [0, 2**31); n [1, MAX_N]; logprobs None
+    or [0, MAX_LOGPROBS]."""
+
     max_new_tokens: int = 16
     temperature: float = 1.0
     top_k: int = 0
@@ -37,8 +51,10 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
-        object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        for field, what in (("stop", "a string or a list of strings"), ("stop_token_ids", "a list of ints")):
+            if not isinstance(getattr(self, field), (list, tuple)):
+                raise ValueError(f"SamplingParams.{field}: expected {what}, got {_short(getattr(self, field))}")
+            object.__setattr__(self, field, tuple(getattr(self, field)))
         for field, problem in _problems(self):
             raise ValueError(f"SamplingParams.{field}: {problem}")
 
@@ -55,29 +71,50 @@ def _is_num(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
 
 
+def _int_in(value: object, low: int, high: int) -> bool:
+    return _is_int(value) and low <= value <= high
+
+
+def _num_in(value: object, low: float, high: float) -> bool:
+    """A finite number (int or float, however large: compared exactly, never converted) in [low, high]."""
+    return _is_num(value) and low <= value <= high
+
+
+def _short(value: object) -> str:
+    """repr cut to 60 characters; an int too long to print (over 4300 digits) is described instead."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return f"an int of {value.bit_length()} bits"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _problems(p: SamplingParams) -> list[tuple[str, str]]:
     """Every (field, what is wrong) pair; empty when the parameters are valid."""
     out = []
 
     def check(field: str, ok: bool, expected: str) -> None:
         if not ok:
-            out.append((field, f"expected {expected}, got {getattr(p, field)!r}"))
+            out.append((field, f"expected {expected}, got {_short(getattr(p, field))}"))
 
-    check("max_new_tokens", _is_int(p.max_new_tokens) and p.max_new_tokens >= 1, "an int >= 1")
-    check("temperature", _is_num(p.temperature) and p.temperature >= 0, "a number >= 0 (0 = greedy)")
-    check("top_k", _is_int(p.top_k) and p.top_k >= 0, "an int >= 0 (0 = off)")
-    check("top_p", _is_num(p.top_p) and 0 < p.top_p <= 1, "a number in (0, 1]")
-    check("min_p", _is_num(p.min_p) and 0 <= p.min_p <= 1, "a number in [0, 1]")
-    check("repetition_penalty", _is_num(p.repetition_penalty) and p.repetition_penalty > 0, "a number > 0")
-    check("presence_penalty", _is_num(p.presence_penalty) and -2 <= p.presence_penalty <= 2, "a number in [-2, 2]")
-    check("frequency_penalty", _is_num(p.frequency_penalty) and -2 <= p.frequency_penalty <= 2,
-          "a number in [-2, 2]")
-    check("seed", p.seed is None or (_is_int(p.seed) and 0 <= p.seed < 2**64), "None or an int in [0, 2**64)")
+    t_low, t_high = TEMPERATURE_RANGE
+    r_low, r_high = REPETITION_PENALTY_RANGE
+    check("max_new_tokens", _int_in(p.max_new_tokens, 1, MAX_INT), "an int in [1, 2**63)")
+    check("temperature", _num_in(p.temperature, 0, 0) or _num_in(p.temperature, t_low, t_high),
+          f"0 (greedy) or a number in [{t_low:g}, {t_high:g}]")
+    check("top_k", _int_in(p.top_k, 0, MAX_INT), "an int in [0, 2**63) (0 = off)")
+    check("top_p", _num_in(p.top_p, 0, 1) and p.top_p > 0, "a number in (0, 1]")
+    check("min_p", _num_in(p.min_p, 0, 1), "a number in [0, 1]")
+    check("repetition_penalty", _num_in(p.repetition_penalty, r_low, r_high), f"a number in [{r_low:g}, {r_high:g}]")
+    check("presence_penalty", _num_in(p.presence_penalty, -2, 2), "a number in [-2, 2]")
+    check("frequency_penalty", _num_in(p.frequency_penalty, -2, 2), "a number in [-2, 2]")
+    check("seed", p.seed is None or _int_in(p.seed, 0, 2**64 - 1), "None or an int in [0, 2**64)")
     check("stop", all(isinstance(s, str) and s for s in p.stop), "non-empty strings")
-    check("stop_token_ids", all(_is_int(t) and t >= 0 for t in p.stop_token_ids), "non-negative ints")
+    check("stop_token_ids", all(_int_in(t, 0, MAX_TOKEN_ID) for t in p.stop_token_ids),
+          f"ints in [0, {MAX_TOKEN_ID}]")
     check("ignore_eos", isinstance(p.ignore_eos, bool), "a bool")
-    check("n", _is_int(p.n) and p.n >= 1, "an int >= 1")
-    check("logprobs", p.logprobs is None or (_is_int(p.logprobs) and 0 <= p.logprobs <= MAX_LOGPROBS),
+    check("n", _int_in(p.n, 1, MAX_N), f"an int in [1, {MAX_N}]")
+    check("logprobs", p.logprobs is None or _int_in(p.logprobs, 0, MAX_LOGPROBS),
           f"None or an int in [0, {MAX_LOGPROBS}]")
     return out
 
@@ -121,7 +158,7 @@ def slot_params(params: Sequence[SamplingParams]) -> SlotParams:
 
     # Any top_k >= vocab size means off, so clipping to int32 changes nothing.
     top_k = np.array([min(p.top_k, _INT32_MAX) for p in params], dtype=np.int32).reshape(len(params))
-    return SlotParams(
+    row = SlotParams(
         temperature=column("temperature", np.float32),
         top_k=top_k,
         top_p=column("top_p", np.float32),
@@ -130,6 +167,10 @@ def slot_params(params: Sequence[SamplingParams]) -> SlotParams:
         presence_penalty=column("presence_penalty", np.float32),
         frequency_penalty=column("frequency_penalty", np.float32),
     )
+    for field, values in zip(SlotParams._fields, row):
+        if not np.all(np.isfinite(values)):  # SamplingParams' bounds rule this out; never let it reach a step
+            raise ValueError(f"SamplingParams.{field}: {values.tolist()} is not finite as {values.dtype}")
+    return row
 
 
 def seed_key_data(seed: int) -> np.ndarray:

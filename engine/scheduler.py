@@ -14,6 +14,9 @@ Invariants:
 - Every accepted token is appended to `output_token_ids` (its extra to `output_extras` when extras are
   given); tokens after a finish within one call are discarded.
 - Tokens reported for a slot whose request is no longer there (aborted in flight) are ignored.
+- One request's failure is its own: an exception while accepting its tokens (detokenising, stop strings)
+  finishes it alone with finish_reason "error" (`Request.error` says why) and frees its slot; `fail_calls`
+  does the same for every request of a prefill or decode call that failed as a whole.
 - At most one decode call is in flight: `schedule_decode` -> `on_decode_tokens` -> `schedule_decode`.
 """
 from __future__ import annotations
@@ -112,9 +115,13 @@ class Request:
     params: SamplingParams
     seed: int
     text_stream: object | None = None  # duck-typed: push(token_id) -> bool (True: a stop string matched)
+    # The request's per-slot sampling row and PRNG key data, computed when it is made (opaque here).
+    slot_row: object | None = None
+    key_data: object | None = None
     output_token_ids: list[int] = dataclasses.field(default_factory=list)
     output_extras: list = dataclasses.field(default_factory=list)
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    error: str | None = None  # why, when finish_reason is "error"
     slot: int | None = None
     arrival: int = -1  # admission order, set by Scheduler.add
 
@@ -238,7 +245,7 @@ class Scheduler:
             if self._slots[slot] is not request or request.output_token_ids:
                 continue  # aborted in flight (or already reported)
             extra = [extras[row]] if extras is not None else []
-            updates.append(self._accept(request, [int(tokens[row])], extra))
+            updates.append(self._accept_or_fail(request, [int(tokens[row])], extra))
         return updates
 
     # -- decode ----------------------------------------------------------------------------------
@@ -298,10 +305,37 @@ class Scheduler:
                 continue  # aborted in flight
             new = [int(step[slot]) for step in tokens]
             new_extras = [step[slot] for step in extras] if extras is not None else []
-            updates.append(self._accept(request, new, new_extras))
+            updates.append(self._accept_or_fail(request, new, new_extras))
         return updates
 
     # -- finishing -------------------------------------------------------------------------------
+
+    def fail(self, request: Request, error: str) -> Update | None:
+        """Finish a waiting or live request with finish_reason "error"; None if it already finished."""
+        if request.finished:
+            return None
+        if request.slot is None and request in self._waiting:
+            self._waiting.remove(request)
+        request.error = error
+        self._finish(request, "error")
+        return Update(request, [], True)
+
+    def fail_calls(self, error: str, prefill: PrefillBatch | None = None) -> list[Update]:
+        """A device call failed as a whole: fail the requests of `prefill`, or of the decode call in flight
+        (also clearing it), or, with neither, every live request."""
+        if prefill is not None:
+            requests = [r for _, r in prefill.rows]
+        elif self._in_flight is not None:
+            requests, self._in_flight = [r for _, r in self._in_flight], None
+        else:
+            requests = [r for r in self._slots if r is not None]
+        return [u for u in (self.fail(r, error) for r in requests) if u is not None]
+
+    def _accept_or_fail(self, request: Request, tokens: list[int], extras: list) -> Update:
+        try:
+            return self._accept(request, tokens, extras)
+        except Exception as e:  # this request's own host-side work (detokenising, stop strings) failed
+            return self.fail(request, f"{type(e).__name__}: {e}") or Update(request, [], True)
 
     def _accept(self, request: Request, tokens: list[int], extras: list) -> Update:
         """Append tokens one by one until the request finishes; later tokens are discarded."""

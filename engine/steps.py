@@ -3,17 +3,29 @@
 The bridge between the pure-Python `Scheduler` and the device `Runner`: it packs a `PrefillBatch` into
 padded host arrays, and turns the small arrays a program returns into token lists (and logprob entries,
 fetched from the device only when a request in the call asked for them).
+
+Failure isolation: a prefill, row-move or decode call that raises fails the requests it was running
+(`Scheduler.fail_calls`, finish_reason "error") and the step goes on; only `MAX_FAILED_CALLS` failed calls
+in a row (nothing succeeding in between: the device is gone) raise `EngineFailedError`.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import numpy as np
 
-from engine.requests import TokenLogprob
+from engine.requests import TokenLogprob, attach_rows
 from engine.runner import PrefillRows, Runner, Sampled, neutral_params
-from engine.sampling import SlotParams, seed_key_data, slot_params
+from engine.sampling import SlotParams
 from engine.scheduler import DecodeBatch, PrefillBatch, Request, Scheduler, Update
+
+log = logging.getLogger(__name__)
+MAX_FAILED_CALLS = 3
+
+
+class EngineFailedError(RuntimeError):
+    """Device calls keep failing whatever they run: the engine cannot serve any request."""
 
 
 def pack_prefill(batch: PrefillBatch, num_slots: int) -> PrefillRows:
@@ -28,15 +40,16 @@ def pack_prefill(batch: PrefillBatch, num_slots: int) -> PrefillRows:
     keys = np.zeros((cap, 2), np.uint32)
     wants = np.zeros(cap, bool)
     for i, ((slot, req), (row, start)) in enumerate(zip(batch.rows, batch.placement())):
+        attach_rows(req)  # a no-op for requests made by RequestFactory: their rows exist since submission
         end = start + req.prompt_len
         tokens[row, start:end] = req.prompt_token_ids
         positions[row, start:end] = np.arange(req.prompt_len)
         segments[row, start:end] = i
         lengths[i], last[i], slots[i] = req.prompt_len, row * width + end - 1, slot
-        keys[i] = seed_key_data(req.seed)
+        keys[i] = req.key_data
         wants[i] = req.params.logprobs is not None
-    real, pad = slot_params([r.params for _, r in batch.rows]), neutral_params(cap - len(batch.rows))
-    params = SlotParams(*(np.concatenate([a, b]) for a, b in zip(real, pad)))
+    rows = [r.slot_row for _, r in batch.rows] + [neutral_params(cap - len(batch.rows))]
+    params = SlotParams(*(np.concatenate(column) for column in zip(*rows)))
     return PrefillRows(tokens, positions, segments, lengths, last, slots, params, keys, wants)
 
 
@@ -57,6 +70,7 @@ def _fetch(out: Sampled, wanted: bool) -> dict:
 class StepRunner:
     def __init__(self, runner: Runner, scheduler: Scheduler):
         self.runner, self.scheduler = runner, scheduler
+        self.failed_calls = 0  # device calls failed in a row
 
     def step(self, on_prefill: Callable[[list[Update]], None] | None = None) -> list[Update]:
         """Prefill admitted requests, then decode every live slot. `on_prefill` (streaming) gets the prefill
@@ -64,17 +78,35 @@ class StepRunner:
         returned."""
         updates = []
         for batch in self.scheduler.schedule_prefills():
-            updates += self._prefill(batch)
+            updates += self._guarded(lambda b=batch: self._prefill(b), batch)
         if on_prefill is not None and updates:
             on_prefill(updates)
             updates = []
         moves = self.scheduler.compact()
         if moves:
-            self.runner.move(moves)
+            updates += self._guarded(lambda: self._move(moves))
         decode = self.scheduler.schedule_decode()
         if decode is not None:
-            updates += self._decode(decode)
+            updates += self._guarded(lambda: self._decode(decode))
         return updates
+
+    def _guarded(self, call: Callable[[], list[Update]], prefill: PrefillBatch | None = None) -> list[Update]:
+        """Run one device call; if it raises, fail the requests it ran (see the module docstring)."""
+        try:
+            updates = call()
+        except Exception as e:
+            self.failed_calls += 1
+            log.exception("a device call failed; failing the requests it ran")
+            failed = self.scheduler.fail_calls(f"internal error: {type(e).__name__}: {e}", prefill)
+            if self.failed_calls >= MAX_FAILED_CALLS:
+                raise EngineFailedError(f"{self.failed_calls} device calls failed in a row; last: {e!r}") from e
+            return failed
+        self.failed_calls = 0
+        return updates
+
+    def _move(self, moves: list[tuple[int, int]]) -> list[Update]:
+        self.runner.move(moves)
+        return []
 
     def _prefill(self, batch: PrefillBatch) -> list[Update]:
         out = self.runner.prefill(pack_prefill(batch, self.scheduler.config.max_slots))

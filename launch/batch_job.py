@@ -10,7 +10,8 @@ Invariants:
 - Exactly one output line per non-blank input line not already answered, in input order.
 - At most `max_in_flight` lines are held in memory; ids are remembered (to skip answered lines on
   --resume and to reject a repeated id), outputs are not.
-- A bad line becomes an error result; only engine failures propagate.
+- A bad line becomes an error result, and so does a line whose request failed while running (its error
+  says so; the engine serves the other lines on); only an engine that cannot run at all propagates.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import time
 from collections import deque
 from collections.abc import Iterable
 
-from engine.requests import completion_of
+from engine.requests import RequestError, completion_of
 from engine.sampling import SamplingParams
 from engine.scheduler import Request
 from launch.batch_io import OutputWriter
@@ -135,12 +136,24 @@ class BatchJob:
         while pending and pending[0].done:
             entry = pending.popleft()
             if entry.output is None:
-                entry.output = self._result(entry)
-                self.stats.ok += 1
-            else:
+                entry.output = self._output_or_error(entry)
+            if "error" in entry.output and entry.output["error"] is not None:
                 self.stats.failed += 1
+            else:
+                self.stats.ok += 1
             self.writer.write(entry.output)
             self._advance(1)
+
+    def _output_or_error(self, entry: _Pending) -> dict:
+        line = entry.line
+        try:
+            failed = [r.error for r in entry.requests if r.finish_reason == "error"]
+            if failed:
+                raise RequestError(failed[0])
+            return self._result(entry)
+        except Exception as e:  # the line's request failed while running, or building its output did
+            message = f"internal error: {type(e).__name__}: {e}"
+            return openai_error(line, message, "server_error") if line.openai else native_error(line, message)
 
     def _result(self, entry: _Pending) -> dict:
         tokenizer = self.engine.tokenizer

@@ -8,8 +8,11 @@ Two line formats share this module:
 
 Invariants:
 - `read_line` never raises: a line that is not JSON or not an object comes back with `problem` set.
-- Every line has a `key` (its id or custom_id, typed) that is also recoverable from its output line
-  (`key_of_output`), so `--resume` can skip exactly the lines already answered.
+- Every line has a `key` that is also recoverable from its output line (`key_of_output`), so `--resume`
+  can skip exactly the lines already answered: its explicit id or custom_id (typed), or, for a line
+  without a usable one, its line number, which the output line then carries as `"line"`. The two kinds
+  never collide: a line that is not JSON (output `"id": null, "line": N`) or has no id (output `"id": N,
+  "line": N`) is answered once, whatever ids other lines give themselves.
 - `native_job` / `openai_job` raise `ValueError` naming the offending field; nothing is queued before they pass.
 """
 from __future__ import annotations
@@ -32,14 +35,25 @@ class Line:
     """One raw input line: its position, its identity, and the parsed object or what was wrong."""
 
     line_no: int  # 0-based physical line number
-    ident: object  # `id` (native, default line_no) or `custom_id` (OpenAI)
+    ident: object  # `id` (native, default line_no; None when unusable) or `custom_id` (OpenAI)
     openai: bool
     obj: Mapping | None = None
     problem: str | None = None  # set when the line is unusable before field validation
+    explicit: bool = False  # ident is the line's own id / custom_id
 
     @property
     def key(self) -> str:
+        """The resume key: the explicit id, else the line number (never equal to an explicit id's key)."""
+        return make_key(self.ident, self.openai) if self.explicit else f"line:{self.line_no}"
+
+    @property
+    def seed_key(self) -> str:
+        """What a line's default seed derives from (an id-less line: its line number as id, as always)."""
         return make_key(self.ident, self.openai)
+
+    def id_fields(self) -> dict:
+        """The identifying fields of the line's output: `id`, plus `line` when the id is not the line's own."""
+        return {"id": self.ident} if self.explicit else {"id": self.ident, "line": self.line_no}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +74,8 @@ def key_of_output(obj: object) -> str:
     """The key of a line already written to the output (for --resume)."""
     if not isinstance(obj, Mapping) or not ("custom_id" in obj or "id" in obj):
         raise ValueError(f"not an output line of this tool (no 'id' or 'custom_id'): {str(obj)[:80]}")
+    if "line" in obj and "custom_id" not in obj:
+        return f"line:{obj['line']}"
     return make_key(obj["custom_id"], True) if "custom_id" in obj else make_key(obj["id"], False)
 
 
@@ -68,18 +84,22 @@ def read_line(raw: bytes, line_no: int) -> Line:
     try:
         obj = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
-        return Line(line_no, line_no, False, problem=f"line is not valid UTF-8 ({e.reason} at byte {e.start})")
+        return Line(line_no, None, False, problem=f"line is not valid UTF-8 ({e.reason} at byte {e.start})")
     except json.JSONDecodeError as e:
-        return Line(line_no, line_no, False, problem=f"invalid JSON: {e.msg} (column {e.colno})")
+        return Line(line_no, None, False, problem=f"invalid JSON: {e.msg} (column {e.colno})")
+    except (ValueError, RecursionError) as e:  # an int over 4300 digits, nesting deeper than Python's stack
+        return Line(line_no, None, False, problem=f"invalid JSON: {type(e).__name__}: {str(e)[:80]}")
     if not isinstance(obj, dict):
-        return Line(line_no, line_no, False, problem=f"expected a JSON object, got {type(obj).__name__}")
+        return Line(line_no, None, False, problem=f"expected a JSON object, got {type(obj).__name__}")
     openai = "custom_id" in obj
-    ident = obj["custom_id"] if openai else obj.get("id", line_no)
+    if not (openai or "id" in obj):
+        return Line(line_no, line_no, False, obj)
+    ident = obj["custom_id"] if openai else obj["id"]
     if not _valid_ident(ident):
         field = "custom_id" if openai else "id"
-        return Line(line_no, line_no, False, obj,
+        return Line(line_no, None, False, obj,
                     problem=f"{field}: expected a string or an int, got {json.dumps(ident)[:40]}")
-    return Line(line_no, ident, openai, obj)
+    return Line(line_no, ident, openai, obj, explicit=True)
 
 
 def _valid_ident(ident: object) -> bool:
@@ -98,7 +118,7 @@ def native_job(line: Line, defaults: SamplingParams, base_seed: int | None) -> J
                          f"'max_tokens' or a SamplingParams field ({', '.join(PARAM_FIELDS)})")
     prompt = native_prompt(obj)
     overrides = {k: v for k, v in obj.items() if k in PARAM_FIELDS or k in ALIASES}
-    return Job(line, prompt, sampling_params(overrides, defaults, line.key, base_seed))
+    return Job(line, prompt, sampling_params(overrides, defaults, line.seed_key, base_seed))
 
 
 def native_prompt(obj: Mapping) -> str | list[int]:
@@ -167,9 +187,9 @@ def native_output(line: Line, completions: Sequence[Completion], has_text: bool)
     usage = {"prompt_tokens": len(first.prompt_token_ids),
              "completion_tokens": sum(len(c.token_ids) for c in completions)}
     if len(completions) == 1:
-        return {"id": line.ident, **_choice(first, has_text), "usage": usage}
+        return {**line.id_fields(), **_choice(first, has_text), "usage": usage}
     choices = [{"index": c.index, **_choice(c, has_text)} for c in completions]
-    return {"id": line.ident, "choices": choices, "usage": usage}
+    return {**line.id_fields(), "choices": choices, "usage": usage}
 
 
 def _choice(c: Completion, has_text: bool) -> dict:
@@ -184,4 +204,4 @@ def _logprob(lp: TokenLogprob) -> dict:
 
 
 def native_error(line: Line, message: str) -> dict:
-    return {"id": line.ident, "error": message}
+    return {**line.id_fields(), "error": message}

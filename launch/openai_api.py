@@ -57,7 +57,7 @@ class CompletionRequest:
 
 
 def bad(param: str | None, message: str) -> ApiError:
-    return ApiError(400, f"{param}: {message}" if param else message, param)
+    return ApiError(400, f"{param}: {message}" if param is not None else message, param)
 
 
 def parse_completion_request(body: object) -> CompletionRequest:

@@ -40,7 +40,7 @@ def openai_job(line: Line, defaults: SamplingParams, base_seed: int | None) -> J
     if not isinstance(body, dict):
         raise ValueError(f"body: expected a JSON object with the completion request, got {type(body).__name__}")
     overrides = _body_params(body)
-    return Job(line, body_prompt(body), sampling_params(overrides, defaults, line.key, base_seed))
+    return Job(line, body_prompt(body), sampling_params(overrides, defaults, line.seed_key, base_seed))
 
 
 def _body_params(body: Mapping) -> dict:

@@ -1,13 +1,17 @@
 """`python -m launch.serve --model M [--host 127.0.0.1] [--port 8000] [...]`: an OpenAI-compatible server.
 
 Endpoints: `POST /v1/completions` (JSON or SSE stream), `GET /v1/models`, `GET /health`, `GET /metrics`
-(Prometheus text). Engine flags map 1:1 onto `EngineConfig` fields. The engine runs on one background
-thread (`engine.async_engine.AsyncEngine`); FastAPI handlers only submit requests and relay deltas.
+(Prometheus text). Engine flags map 1:1 onto `EngineConfig` fields, limit flags onto `ServerLimits`
+(`launch/server_limits.py`). The engine runs on one background thread (`engine.async_engine.AsyncEngine`);
+FastAPI handlers only submit requests (prompts are tokenized on a worker thread) and relay deltas.
 
 Invariants:
 - Binds to 127.0.0.1 unless --host says otherwise.
-- A rejected request gets OpenAI's error object: 400 naming the field, 404 for an unknown model, 429 with
+- A rejected request gets OpenAI's error object: 400 naming the field, 401 without the --api-key, 404 for an
+  unknown model or path, 405, 408 for a body too slow to arrive, 413 for one too large, 429 with
   `Retry-After` when more than --max-waiting requests would wait for a slot, 503 once the engine stopped.
+- A request that fails while running gets 500 (an error event in a stream); the engine serves the others,
+  and /health turns 503 only when the engine loop cannot run at all.
 - A client that disconnects (streaming or not) has its requests aborted; their slots free at once.
 - A stream is `data: {chunk}\\n\\n` events ending with `data: [DONE]\\n\\n`, also after an error event.
 """
@@ -20,6 +24,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -28,12 +33,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
-from engine.async_engine import AsyncEngine, Delta, EngineClosedError, QueueFullError, RequestStream
+from engine.async_engine import AsyncEngine, Delta, EngineClosedError, QueueFullError, RequestError, RequestStream
 from engine.config import DTYPES, EngineConfig
 from engine.requests import Completion
 from launch.engine_flags import EngineLoadError, add_engine_flags, engine_options, load_engine
 from launch.openai_api import (ApiError, CompletionRequest, bad, bad_field, completion_body, logprobs_payload,
                                new_completion_id, parse_completion_request, stream_chunk, usage)
+from launch.server_limits import ServerLimits, add_limit_flags, check_request, install_guards, limits_from_args, \
+    uvicorn_options
 from launch.server_metrics import CONTENT_TYPE, ServerMetrics
 
 log = logging.getLogger("launch.serve")
@@ -49,6 +56,7 @@ class Server:
     model: str
     metrics: ServerMetrics
     started: int
+    limits: ServerLimits = ServerLimits()
 
     @property
     def tokenizer(self):
@@ -59,10 +67,11 @@ class Server:
         return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
-def create_app(engine: AsyncEngine, model: str, device: str | None = None) -> FastAPI:
+def create_app(engine: AsyncEngine, model: str, device: str | None = None,
+               limits: ServerLimits | None = None) -> FastAPI:
     """The FastAPI app over a running AsyncEngine; the app's shutdown shuts the engine down. `device` (e.g.
     "cpu x8") is shown on the model card, so benchmarks can record what served them."""
-    server = Server(engine, model, ServerMetrics(engine), int(time.time()))
+    server = Server(engine, model, ServerMetrics(engine), int(time.time()), limits or ServerLimits())
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -71,6 +80,7 @@ def create_app(engine: AsyncEngine, model: str, device: str | None = None) -> Fa
 
     app = FastAPI(title="gpt2-jax-engine", lifespan=lifespan)
     app.state.server = server
+    install_guards(app, server.limits, server.metrics.count)
 
     @app.exception_handler(Exception)
     async def internal_error(_request: Request, exc: Exception) -> JSONResponse:
@@ -105,7 +115,8 @@ async def _completions(server: Server, request: Request) -> Response:
         if req.model is not None and req.model != server.model:
             raise ApiError(404, f"model: {req.model!r} is not served here; this server serves {server.model!r}",
                            "model", code="model_not_found")
-        handle = server.engine.submit(req.prompts, req.params)
+        check_request(req, server.limits, server.engine.engine.max_seq_len)
+        handle = await server.engine.submit_async(req.prompts, req.params)
     except ApiError as e:
         return server.error(e)
     except ValueError as e:
@@ -129,6 +140,8 @@ async def _completions(server: Server, request: Request) -> Response:
         done = await _collect_unless_disconnected(server, handle, request)
     except EngineClosedError as e:
         return server.error(ApiError(503, str(e), None, "server_error", "engine_stopped"))
+    except RequestError as e:
+        return server.error(_request_failed(e))
     if done is None:
         server.metrics.count(499)
         return Response(status_code=499)
@@ -140,8 +153,12 @@ async def _json_body(request: Request) -> object:
     raw = await request.body()
     try:
         return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise bad(None, f"the request body is not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # also: not UTF-8, an int over 4300 digits, nesting too deep
+        raise bad(None, f"the request body is not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def _request_failed(e: RequestError) -> ApiError:
+    return ApiError(500, f"internal error: {e}", None, "server_error", "request_failed")
 
 
 async def _collect_unless_disconnected(server: Server, handle: RequestStream,
@@ -191,6 +208,9 @@ async def _sse(server: Server, cid: str, req: CompletionRequest, handle: Request
     except EngineClosedError as e:
         outcome["status"] = 503
         yield _event(ApiError(503, str(e), None, "server_error", "engine_stopped").body())
+    except RequestError as e:
+        outcome["status"] = 500
+        yield _event(_request_failed(e).body())
     finally:
         handle.abort()  # at once when cancelled mid-await
     yield "data: [DONE]\n\n"
@@ -233,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = p.add_argument_group("engine (EngineConfig fields; default: EngineConfig's)")
     e.add_argument("--dtype", choices=DTYPES, default=EngineConfig.dtype)
     add_engine_flags(e, ENGINE_FLAGS)
+    add_limit_flags(p)
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return p
 
@@ -244,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     options = engine_options(args, ENGINE_FLAGS, parser)
     if args.max_waiting < 0:
         parser.error(f"--max-waiting: expected an int >= 0, got {args.max_waiting}")
+    limits = limits_from_args(args, parser, os.environ.get("ENGINE_API_KEY"))
     import uvicorn
 
     started = time.perf_counter()
@@ -259,8 +281,10 @@ def main(argv: list[str] | None = None) -> int:
     device = f"{jax.devices()[0].device_kind} x{jax.device_count()}"
     log.info("engine ready in %.1f s; serving %s on http://%s:%d", time.perf_counter() - started,
              args.served_model_name or args.model, args.host, args.port)
-    app = create_app(AsyncEngine(engine, max_waiting=args.max_waiting), args.served_model_name or args.model, device)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=5)
+    app = create_app(AsyncEngine(engine, max_waiting=args.max_waiting), args.served_model_name or args.model, device,
+                     limits)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=5,
+                **uvicorn_options(limits))
     return 0
 
 

@@ -1,6 +1,21 @@
-"""Shared test setup: 8 fake CPU devices (set before JAX initialises) and offline hub access."""
+"""Shared test setup: 8 fake CPU devices (set before JAX initialises), offline hub access, and one tiny
+engine shared by the test files that only need engine behaviour (its compiled programs are reused)."""
 import os
+
+import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+TINY_ENGINE_OPTIONS = dict(max_slots=2, max_seq_len=128, decode_steps=4, prefill_buckets=(32,), prefill_token_budget=32)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tmp_path_factory):
+    """An Engine over a tiny random GPT-2 with TINY_ENGINE_OPTIONS; tests must leave it idle."""
+    from engine.engine import Engine
+    from tests.checkpoints import make_tiny_checkpoint
+
+    return Engine.from_pretrained(make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_engine")), **TINY_ENGINE_OPTIONS)

@@ -11,16 +11,14 @@ import pytest
 from engine.async_engine import AsyncEngine, EngineClosedError, QueueFullError
 from engine.engine import Engine
 from engine.sampling import SamplingParams
-from tests.checkpoints import make_tiny_checkpoint
 
-OPTIONS = dict(max_slots=2, max_seq_len=128, decode_steps=4, prefill_buckets=(32,), prefill_token_budget=32)
 LONG = SamplingParams(max_new_tokens=120, ignore_eos=True, seed=5)  # ~30 decode calls: outlives any check
 PROMPTS = ["Hello world", "The quick brown fox", [464, 3290, 318], "Once upon"]
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory) -> Engine:
-    return Engine.from_pretrained(make_tiny_checkpoint(tmp_path_factory.mktemp("tiny")), **OPTIONS)
+def engine(tiny_engine) -> Engine:
+    return tiny_engine
 
 
 def run(engine: Engine, body, **options):

@@ -104,7 +104,7 @@ def mixed(tmp_path_factory, tiny_model, env):
 def expected_ident(line, line_no: int):
     if isinstance(line, dict):
         return line.get("custom_id", line.get("id", line_no))
-    return line_no  # not JSON or not an object: the line number
+    return None  # not JSON or not an object: no id; the output's "line" says which line it answers
 
 
 def test_one_output_per_line_in_input_order(mixed):
@@ -114,6 +114,8 @@ def test_one_output_per_line_in_input_order(mixed):
     for (no, line), out in zip(numbered, outputs):
         got = out.get("custom_id", out.get("id"))
         assert got == expected_ident(line, no)
+        own_id = isinstance(line, dict) and ("id" in line or "custom_id" in line)
+        assert out.get("line") == (None if own_id else no)  # a line without its own id: keyed by position
 
 
 def test_bad_lines_get_error_naming_the_problem(mixed):
@@ -122,7 +124,7 @@ def test_bad_lines_get_error_naming_the_problem(mixed):
     assert len(errors) == len(BAD_LINES)
     for (_, fragment), out in zip(BAD_LINES, errors):
         assert fragment in out["error"], out
-        assert set(out) == {"id", "error"}
+        assert set(out) == ({"id", "error"} if out["id"] is not None else {"id", "line", "error"})
     assert "lines: 5 ok, 15 failed" in proc.stderr  # 4 native + 1 OpenAI ok; 11 native + 4 OpenAI failed
 
 
@@ -185,7 +187,8 @@ def forty(tmp_path_factory, tiny_model, env):
 def test_stdout_mode_prints_only_json_lines(forty, mixed):
     _, proc = forty
     outputs = [json.loads(line) for line in proc.stdout.splitlines()]  # fails on anything but JSON lines
-    assert [o["id"] for o in outputs] == ["greedy-a", 1, *(f"r{i}" for i in range(38))]
+    assert [o["id"] for o in outputs] == ["greedy-a", None, *(f"r{i}" for i in range(38))]
+    assert outputs[1]["line"] == 1  # the line that is not JSON
     assert "error" in outputs[1] and "lines: 39 ok, 1 failed" in proc.stderr
     earlier = next(o for o in mixed[1] if o.get("id") == "greedy-a" and "error" not in o)
     assert outputs[0] == earlier  # greedy: other batch mates, same result
@@ -218,6 +221,25 @@ def test_resume_after_kill_9(tmp_path, tiny_model, env, forty):
     reference = [json.loads(line) for line in forty[1].stdout.splitlines()]
     assert sorted(map(json.dumps, outputs)) == sorted(map(json.dumps, reference))  # each id once, same results
     assert outputs == reference  # and in input order
+
+
+def test_ids_never_collide_and_resume_answers_each_line_once(tmp_path, tiny_model, env):
+    lines = ['{"id": 0, "prompt": "Hel',  # line 0, not JSON: no id (keyed by its line number)
+             greedy(0, "Zero", 2),  # explicit id 0: the number of line 0
+             {"prompt": "No id", "max_tokens": 2},  # line 2, no id: id 2 by position
+             greedy(2, "Two", 2),  # explicit id 2
+             "not json either"]
+    path, out = write_jsonl(tmp_path / "ids.jsonl", lines), tmp_path / "ids.out.jsonl"
+    first = run_batch(env, path, "--model", tiny_model, *ENGINE_FLAGS)
+    assert first.returncode == 0, first.stderr
+    outputs = read_jsonl(out)
+    assert [(o["id"], o.get("line"), "error" in o) for o in outputs] == \
+        [(None, 0, True), (0, None, False), (2, 2, False), (2, None, False), (None, 4, True)]
+    out.write_text("".join(json.dumps(o) + "\n" for o in outputs[:2]))  # as if the job stopped after two lines
+    resumed = run_batch(env, path, "--model", tiny_model, *ENGINE_FLAGS, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "2 ok, 1 failed, 2 skipped" in resumed.stderr
+    assert [(o["id"], o.get("line")) for o in read_jsonl(out)] == [(o["id"], o.get("line")) for o in outputs]
 
 
 def test_unloadable_model_fails_with_one_message(tmp_path, env):

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.checkpoints import TOKENIZER_DIR, make_tiny_checkpoint
+from tests.storm import STORM_FLAGS, check_storm
 
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
@@ -21,7 +22,8 @@ openai = pytest.importorskip("openai")
 ROOT = Path(__file__).resolve().parents[1]
 MAX_SLOTS, MAX_WAITING = 4, 6
 SERVER_FLAGS = ["--max-slots", str(MAX_SLOTS), "--max-seq-len", "128", "--decode-steps", "4", "--prefill-buckets",
-                "128", "--prefill-token-budget", "32", "--max-waiting", str(MAX_WAITING), "--log-level", "WARNING"]
+                "128", "--prefill-token-budget", "32", "--max-waiting", str(MAX_WAITING), "--log-level", "WARNING",
+                *STORM_FLAGS]
 
 
 def free_port() -> int:
@@ -232,3 +234,7 @@ def test_disconnected_clients_are_cancelled_and_free_their_slots(served):
     after = served.wait_idle()
     # Had either run to the end, its slot would have held until all 120 tokens were generated.
     assert after["engine_generated_tokens_total"] - before["engine_generated_tokens_total"] < 120 + 5
+
+
+def test_hostile_storm_gets_4xx_and_leaves_the_server_as_it_was(served):
+    check_storm(served.url, served.port)  # tests/storm.py: what is sent and what each must get
