@@ -1,4 +1,4 @@
-"""`Engine`: the facade users call (from_pretrained, generate, stream, logits).
+"""`Engine`: the facade users call (from_pretrained, generate, stream, score, logits).
 
 One request, end to end: `generate` validates and tokenizes every prompt first (a bad one raises before
 anything runs), expands `n` into n requests with derived seeds, and queues them in the `Scheduler`. Each
@@ -7,6 +7,8 @@ bucket, and runs one prefill program per group (prompt forward, K/V insert, firs
 device); (2) runs one decode program that advances every live slot k tokens; (3) hands the returned int
 arrays to the scheduler, which appends tokens, detects eos / stop tokens / stop strings / length, and
 frees slots at once so the next step refills them. Text is detokenised incrementally per request.
+Scoring (`score`, or `SamplingParams.prompt_logprobs` on any request) takes the same path: its prompts are
+packed into the same batched prefill calls, which then also score every prompt token (`engine.scoring`).
 
 This is the one engine module that imports `weights`.
 """
@@ -23,7 +25,7 @@ import numpy as np
 
 from engine.config import EngineConfig, GPT2Config, preset
 from engine.kv_cache import block_size
-from engine.requests import Completion, RequestFactory, completion_of
+from engine.requests import Completion, RequestFactory, TokenLogprob, completion_of
 from engine.runner import Runner
 from engine.sampling import SamplingParams, broadcast_params
 from engine.scheduler import Request, Scheduler, SchedulerConfig, Update
@@ -89,10 +91,19 @@ class Engine:
             decode_slot_counts=ecfg.decode_widths(self.mesh.shape["data"], ecfg.max_slots // self.runner.groups),
             eos_token_id=self.config.eos_token_id)
 
-    def warmup(self) -> None:
-        """Compile every program now; afterwards no prompt length or parameter mix compiles again."""
+    def warmup(self, score: bool = False) -> None:
+        """Compile every program now; afterwards no prompt length or parameter mix compiles again (with
+        `score`, also the scoring prefill programs: then prompt_logprobs requests compile nothing either)."""
         sc = self.scheduler.config
-        self.runner.warmup(sc.prefill_buckets, sc.decode_windows, sc.decode_slot_counts)
+        self.runner.warmup(sc.prefill_buckets, sc.decode_windows, sc.decode_slot_counts, score=score)
+
+    def score(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
+              top_n: int = 0) -> list[list[TokenLogprob | None]]:
+        """Per prompt: None for its first token, then each later token's log-probability given the tokens
+        before it (fp32 log-softmax of the raw logits) and the `top_n` most likely tokens there. Runs the
+        batched prefill (prompts packed together), generating nothing."""
+        params = SamplingParams(max_new_tokens=0, temperature=0.0, prompt_logprobs=top_n)
+        return [c.prompt_logprobs for c in self.generate(prompts, params)]
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """Next-token logits for every position of one sequence: float32 [len(token_ids), vocab_size]."""

@@ -37,6 +37,8 @@ class Completion:
     logprobs: list[TokenLogprob] | None = None
     index: int = 0  # sample index within its prompt (n > 1)
     request_id: str = ""
+    # With `prompt_logprobs`: None for the first prompt token, then one entry per later prompt token.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 def derive_seed(seed: int, index: int) -> int:
@@ -103,4 +105,5 @@ def completion_of(req: Request, tokenizer: Tokenizer | None) -> Completion:
     logprobs = list(req.output_extras) if req.params.logprobs is not None else None
     index = int(req.request_id.rsplit("-", 1)[1]) if req.params.n > 1 else 0
     return Completion(text=text, token_ids=list(req.output_token_ids), prompt_token_ids=list(req.prompt_token_ids),
-                      finish_reason=req.finish_reason, logprobs=logprobs, index=index, request_id=req.request_id)
+                      finish_reason=req.finish_reason, logprobs=logprobs, index=index, request_id=req.request_id,
+                      prompt_logprobs=req.prompt_logprobs)

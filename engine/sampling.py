@@ -33,6 +33,8 @@ class SamplingParams:
     ignore_eos: bool = False
     n: int = 1
     logprobs: int | None = None
+    # Scoring (vLLM's name): the log-probability of every prompt token after the first, plus the top-N.
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -63,7 +65,9 @@ def _problems(p: SamplingParams) -> list[tuple[str, str]]:
         if not ok:
             out.append((field, f"expected {expected}, got {getattr(p, field)!r}"))
 
-    check("max_new_tokens", _is_int(p.max_new_tokens) and p.max_new_tokens >= 1, "an int >= 1")
+    scoring_only = p.max_new_tokens == 0 and p.prompt_logprobs is not None
+    check("max_new_tokens", _is_int(p.max_new_tokens) and (p.max_new_tokens >= 1 or scoring_only),
+          "an int >= 1 (0 only with prompt_logprobs set: score the prompt, generate nothing)")
     check("temperature", _is_num(p.temperature) and p.temperature >= 0, "a number >= 0 (0 = greedy)")
     check("top_k", _is_int(p.top_k) and p.top_k >= 0, "an int >= 0 (0 = off)")
     check("top_p", _is_num(p.top_p) and 0 < p.top_p <= 1, "a number in (0, 1]")
@@ -78,6 +82,9 @@ def _problems(p: SamplingParams) -> list[tuple[str, str]]:
     check("ignore_eos", isinstance(p.ignore_eos, bool), "a bool")
     check("n", _is_int(p.n) and p.n >= 1, "an int >= 1")
     check("logprobs", p.logprobs is None or (_is_int(p.logprobs) and 0 <= p.logprobs <= MAX_LOGPROBS),
+          f"None or an int in [0, {MAX_LOGPROBS}]")
+    check("prompt_logprobs", p.prompt_logprobs is None or (_is_int(p.prompt_logprobs)
+                                                           and 0 <= p.prompt_logprobs <= MAX_LOGPROBS),
           f"None or an int in [0, {MAX_LOGPROBS}]")
     return out
 
