@@ -31,7 +31,7 @@ from engine.sampling import SamplingParams, broadcast_params
 from engine.scheduler import Request, Scheduler, SchedulerConfig, Update
 from engine.sharding import check_mesh, describe, make_mesh, param_sharding_fn
 from engine.steps import StepRunner
-from engine.tokenizer import Tokenizer
+from engine.tokenizer import GPT2_VOCAB_SIZE, Tokenizer
 from weights import checkpoint, hf
 from weights.loader import init_dummy, load_safetensors
 
@@ -76,7 +76,7 @@ class Engine:
             graphdef, params = checkpoint.restore(folder, cfg, jdtype, sharding_fn)
         else:
             graphdef, params = load_safetensors(hf.weight_files(folder), cfg, jdtype, sharding_fn)
-        tok = _load_tokenizer(tokenizer, folder)
+        tok = _load_tokenizer(tokenizer, folder, cfg)
         return cls(cfg, graphdef, params, ecfg, tok, mesh=jmesh)
 
     def _scheduler_config(self) -> SchedulerConfig:
@@ -180,7 +180,8 @@ def _is_token(x) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
-def _load_tokenizer(tokenizer, folder) -> Tokenizer | None:
+def _load_tokenizer(tokenizer, folder, cfg: GPT2Config) -> Tokenizer | None:
+    """The given tokenizer, else the folder's, else (for GPT-2's vocabulary) the packaged GPT-2 one."""
     if isinstance(tokenizer, Tokenizer):
         return tokenizer
     if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
@@ -190,4 +191,4 @@ def _load_tokenizer(tokenizer, folder) -> Tokenizer | None:
         return Tokenizer.from_path(path if path.exists() else hf.resolve(tokenizer))
     if folder is not None and any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json")):
         return Tokenizer.from_path(folder)
-    return None
+    return Tokenizer.gpt2() if cfg.vocab_size == GPT2_VOCAB_SIZE else None
