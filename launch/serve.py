@@ -1,12 +1,13 @@
 """`python -m launch.serve --model M [--host 127.0.0.1] [--port 8000] [...]`: an OpenAI-compatible server.
 
 Endpoints: `POST /v1/completions` (JSON or SSE stream), `GET /v1/models`, `GET /health`, `GET /metrics`
-(Prometheus text). Engine flags map 1:1 onto `EngineConfig` fields. The engine runs on one background
+(Prometheus text), and vLLM's `POST /tokenize`, `POST /detokenize`, `GET /tokenizer_info`, `GET /version`
+(`launch/vllm_api.py`). Engine flags map 1:1 onto `EngineConfig` fields. The engine runs on one background
 thread (`engine.async_engine.AsyncEngine`); FastAPI handlers only submit requests and relay deltas.
 
 Invariants:
 - Binds to 127.0.0.1 unless --host says otherwise.
-- A rejected request gets OpenAI's error object: 400 naming the field, 404 for an unknown model, 429 with
+- Every error, 404 and 405 included, is OpenAI's error object. A rejected request gets 400 naming the field, 404 for an unknown model, 429 with
   `Retry-After` when more than --max-waiting requests would wait for a slot, 503 once the engine stopped.
 - A client that disconnects (streaming or not) has its requests aborted; their slots free at once.
 - A stream is `data: {chunk}\\n\\n` events ending with `data: [DONE]\\n\\n`, also after an error event.
@@ -35,6 +36,7 @@ from launch.engine_flags import EngineLoadError, add_engine_flags, engine_option
 from launch.openai_api import (ApiError, CompletionRequest, bad, bad_field, completion_body, logprobs_payload,
                                new_completion_id, parse_completion_request, stream_chunk, usage)
 from launch.server_metrics import CONTENT_TYPE, ServerMetrics
+from launch.vllm_api import add_routes
 
 log = logging.getLogger("launch.serve")
 ENGINE_FLAGS = ("max_slots", "max_seq_len", "decode_steps", "prefill_buckets", "prefill_token_budget", "mesh",
@@ -96,6 +98,7 @@ def create_app(engine: AsyncEngine, model: str, device: str | None = None) -> Fa
     async def metrics() -> Response:
         return Response(server.metrics.render(), media_type=CONTENT_TYPE)
 
+    add_routes(app, server)
     return app
 
 
@@ -133,7 +136,7 @@ async def _completions(server: Server, request: Request) -> Response:
         server.metrics.count(499)
         return Response(status_code=499)
     server.metrics.count(200)
-    return JSONResponse(completion_body(cid, server.model, done, req.params.n, server.tokenizer))
+    return JSONResponse(completion_body(cid, server.model, done, req.params.n, server.tokenizer, req.echo))
 
 
 async def _json_body(request: Request) -> object:
@@ -174,14 +177,18 @@ async def _sse(server: Server, cid: str, req: CompletionRequest, handle: Request
                outcome: dict) -> AsyncIterator[str]:
     """The event stream; a disconnect cancels it (the response's background task aborts what is left)."""
     offsets, finished = {}, {}
+    prompt_tokens = sum(len(p) for p in handle.prompt_token_ids[:: req.params.n])
+    generated = 0
     try:
         async for delta in handle:
             choice = _stream_choice(server, delta, offsets)
+            generated += len(delta.token_ids)
             if delta.completion is not None:
                 finished[delta.index] = delta.completion
                 server.metrics.observe(delta.timing)
-            if choice is not None:
-                yield _event(stream_chunk(cid, server.model, [choice]))
+            if choice is not None:  # vLLM's continuous_usage_stats: the usage so far on every chunk
+                tally = usage(prompt_tokens, generated) if req.continuous_usage else None
+                yield _event(stream_chunk(cid, server.model, [choice], tally))
         if req.include_usage:
             done = [finished[i] for i in sorted(finished)]
             prompt_tokens = sum(len(c.prompt_token_ids) for c in done[:: req.params.n])
