@@ -16,7 +16,7 @@ import logging
 from collections.abc import Mapping
 from importlib import metadata
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
@@ -60,8 +60,8 @@ def _version() -> str:
         return "0+unknown"
 
 
-def error_body(message: str, type_: str, status: int) -> dict:
-    return {"error": {"message": message, "type": type_, "param": None, "code": str(status)}}
+def error_body(message: str, type_: str) -> dict:
+    return {"error": {"message": message, "type": type_, "param": None, "code": None}}
 
 
 def add_routes(app: FastAPI, server) -> None:
@@ -103,8 +103,6 @@ def add_routes(app: FastAPI, server) -> None:
             raise bad("tokens", f"expected a list of token ids in [0, {vocab})")
         return {"prompt": tokenizer().decode(ids, skip_special_tokens=False)}
 
-    from fastapi import Request
-
     @app.post("/tokenize")
     async def tokenize_route(request: Request):
         return await guarded(tokenize, request)
@@ -131,7 +129,8 @@ def add_routes(app: FastAPI, server) -> None:
     async def http_error(_request, exc: HTTPException) -> JSONResponse:
         server.metrics.count(exc.status_code)
         type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return JSONResponse(error_body(str(exc.detail), type_, exc.status_code), status_code=exc.status_code,
+        return JSONResponse(error_body(f"{exc.detail}: {_request.method} {_request.url.path}", type_),
+                            status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
