@@ -61,6 +61,7 @@ class CompletionRequest:
     include_usage: bool  # stream_options.include_usage: a last chunk with the usage
     echo: bool = False
     continuous_usage: bool = False  # stream_options.continuous_usage_stats (vLLM): usage on every chunk
+    prompt_logprobs: bool = False  # asked for vLLM's prompt_logprobs field (echo alone computes them unshown)
 
 
 def bad(param: str | None, message: str) -> ApiError:
@@ -92,7 +93,8 @@ def parse_completion_request(body: object) -> CompletionRequest:
     stream, include_usage, continuous = _stream_fields(body)
     if echo and stream:
         raise bad("echo", "echo is not supported with stream=true; use a non-streaming request")
-    return CompletionRequest(model, prompts, params, stream, include_usage, echo, continuous)
+    return CompletionRequest(model, prompts, params, stream, include_usage, echo, continuous,
+                             "prompt_logprobs" in extras)
 
 
 def _echo(body: Mapping) -> bool:
@@ -208,19 +210,20 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def completion_body(cid: str, model: str, choices: Mapping[int, Completion], n: int,
-                    tokenizer: Tokenizer | None, echo: bool = False) -> dict:
+                    tokenizer: Tokenizer | None, echo: bool = False, prompt_logprobs: bool = False) -> dict:
     """The non-streaming response; `choices` maps choice index -> Completion; prompts counted once."""
     ordered = [choices[i] for i in sorted(choices)]
     prompt_tokens = sum(len(c.prompt_token_ids) for c in ordered[::n])
     return {
         "id": cid, "object": "text_completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": i, **choice_fields(c, tokenizer, echo)} for i, c in zip(sorted(choices), ordered)],
+        "choices": [{"index": i, **choice_fields(c, tokenizer, echo, prompt_logprobs)}
+                    for i, c in zip(sorted(choices), ordered)],
         "usage": usage(prompt_tokens, sum(len(c.token_ids) for c in ordered)),
     }
 
 
-def choice_fields(c: Completion, tokenizer: Tokenizer | None, echo: bool) -> dict:
-    """text, finish_reason, logprobs (and vLLM's prompt_logprobs when computed) of one choice."""
+def choice_fields(c: Completion, tokenizer: Tokenizer | None, echo: bool, prompt_logprobs: bool) -> dict:
+    """text, finish_reason, logprobs (and vLLM's prompt_logprobs when asked for) of one choice."""
     if c.logprobs is None:
         logprobs = None
     elif echo:
@@ -229,7 +232,7 @@ def choice_fields(c: Completion, tokenizer: Tokenizer | None, echo: bool) -> dic
         logprobs = logprobs_payload(c.logprobs, tokenizer)
     out = {"text": prompt_text(c, tokenizer) + c.text if echo else c.text, "finish_reason": c.finish_reason,
            "logprobs": logprobs}
-    if c.prompt_logprobs is not None:
+    if prompt_logprobs and c.prompt_logprobs is not None:
         out["prompt_logprobs"] = vllm_prompt_logprobs(c.prompt_logprobs, tokenizer, token_text)
     return out
 

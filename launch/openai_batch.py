@@ -76,7 +76,8 @@ def openai_output(line: Line, completions: Sequence[Completion], model: str, tok
     """The line's `text_completion` (the server's response body) wrapped in a batch output line; `completions`
     are the n samples of the line's one prompt."""
     choices = {c.index: c for c in completions}
-    body = completion_body(new_completion_id(), model, choices, len(completions), tokenizer, line_echo(line))
+    asked = line.obj["body"].get("prompt_logprobs") is not None
+    body = completion_body(new_completion_id(), model, choices, len(completions), tokenizer, line_echo(line), asked)
     response = {"status_code": 200, "request_id": uuid.uuid4().hex, "body": body}
     return {"id": _batch_id(), "custom_id": line.ident, "response": response, "error": None}
 

@@ -136,7 +136,8 @@ async def _completions(server: Server, request: Request) -> Response:
         server.metrics.count(499)
         return Response(status_code=499)
     server.metrics.count(200)
-    return JSONResponse(completion_body(cid, server.model, done, req.params.n, server.tokenizer, req.echo))
+    return JSONResponse(completion_body(cid, server.model, done, req.params.n, server.tokenizer, req.echo,
+                                        req.prompt_logprobs))
 
 
 async def _json_body(request: Request) -> object:

@@ -98,3 +98,79 @@ def test_lm_eval_local_completions_matches_hf(server, tmp_path, monkeypatch):
     assert True in greedy and False in greedy  # both flags occur, so the comparison can fail either way
     gen_ours, gen_theirs = [s["resps"] for s in ours["tiny_gen"]], [s["resps"] for s in theirs["tiny_gen"]]
     assert gen_ours == gen_theirs and len(gen_ours) == len(GEN) and all(r[0][0] for r in gen_ours)
+
+
+def test_tokenizer_endpoints_version_and_model_card(server):
+    url, _, _ = server
+    tok = Tokenizer.gpt2()
+    r = httpx.post(f"{url}/tokenize", json={"prompt": "Hello world", "return_token_strs": True}).json()
+    assert r == {"count": 2, "max_model_len": 64, "tokens": tok.encode("Hello world"), "token_strs": ["Hello", "Ġworld"]}
+    assert httpx.post(f"{url}/detokenize", json={"tokens": r["tokens"] + [50256]}).json() == \
+        {"prompt": "Hello world<|endoftext|>"}
+    info = httpx.get(f"{url}/tokenizer_info").json()
+    assert info["eos_token"] == "<|endoftext|>" and info["model_max_length"] == 64
+    assert isinstance(httpx.get(f"{url}/version").json()["version"], str)
+    assert httpx.get(f"{url}/v1/models").json()["data"][0]["max_model_len"] == 64
+    bad = httpx.post(f"{url}/detokenize", json={"tokens": [1, 99999]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+
+
+@pytest.mark.parametrize("method, path, status", [("GET", "/nope", 404), ("GET", "/v1/completions", 405),
+                                                  ("PUT", "/tokenize", 405)])
+def test_every_http_error_has_openai_shape(server, method, path, status):
+    r = httpx.request(method, f"{server[0]}{path}")
+    err = r.json()["error"]
+    assert r.status_code == status and set(err) == {"message", "type", "param", "code"} and path in err["message"]
+
+
+def _complete(url: str, **body) -> httpx.Response:
+    return httpx.post(f"{url}/v1/completions", json={"temperature": 0, **body}, timeout=60)
+
+
+def test_echo_logprobs_and_max_tokens_zero(server):
+    url, _, _ = server
+    tok = Tokenizer.gpt2()
+    prompt = "The quick brown fox"
+    ids = tok.encode(prompt)
+    full = _complete(url, prompt=prompt, echo=True, logprobs=2, max_tokens=3).json()["choices"][0]
+    plain = _complete(url, prompt=prompt, logprobs=2, max_tokens=3).json()["choices"][0]
+    assert full["text"] == prompt + plain["text"]
+    lp = full["logprobs"]
+    assert len(lp["tokens"]) == len(ids) + 3 and "".join(lp["tokens"]) == full["text"]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert lp["token_logprobs"][len(ids):] == plain["logprobs"]["token_logprobs"]
+    assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(len(lp["tokens"]))]
+    assert all(len(top) <= 2 and max(top.values()) >= v - 1e-6
+               for top, v in zip(lp["top_logprobs"][1:], lp["token_logprobs"][1:]))
+    only = _complete(url, prompt=[ids], echo=True, logprobs=1, max_tokens=0).json()
+    assert only["choices"][0]["text"] == prompt and only["usage"]["completion_tokens"] == 0
+    assert only["choices"][0]["logprobs"]["token_logprobs"] == lp["token_logprobs"][: len(ids)]
+    assert "prompt_logprobs" not in only["choices"][0]  # computed for echo, shown only when asked for
+    assert _complete(url, prompt=prompt, echo=True, max_tokens=0).json()["choices"][0]["logprobs"] is None
+
+
+def test_vllm_fields_prompt_logprobs_and_unknown_fields(server):
+    url, _, log = server
+    tok = Tokenizer.gpt2()
+    ids = tok.encode("Hello there my friend")
+    r = _complete(url, prompt=ids, max_tokens=2, prompt_logprobs=1, min_tokens=1, skip_special_tokens=True,
+                  include_stop_str_in_output=False, frobnicate=3).json()["choices"][0]
+    assert r["prompt_logprobs"][0] is None and len(r["prompt_logprobs"]) == len(ids)
+    for token, entry in zip(ids[1:], r["prompt_logprobs"][1:]):
+        assert str(token) in entry and 1 <= len(entry) <= 2
+        assert min(e["rank"] or 1 for e in entry.values()) == 1
+    log.flush()
+    assert "ignoring unknown completion field 'frobnicate'" in open(log.name).read()
+    for field, value in (("min_tokens", 4), ("include_stop_str_in_output", True), ("prompt_logprobs", 50)):
+        r = _complete(url, prompt="x", **{field: value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, r.json()
+
+
+def test_continuous_usage_stats(server):
+    url, _, _ = server
+    body = {"prompt": "Hi", "max_tokens": 5, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    tokens = [e["usage"]["completion_tokens"] for e in events if e["choices"]]
+    assert tokens == sorted(tokens) and tokens[-1] == 5 and events[-1]["usage"]["completion_tokens"] == 5
