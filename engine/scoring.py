@@ -43,10 +43,13 @@ def next_in_segment(tokens: jax.Array, segments: jax.Array, prompts: int) -> tup
 def score_packed(logits: jax.Array, tokens: jax.Array, segments: jax.Array, prompts: int) -> Scored:
     """logits f32 [B*T, V] (padded vocab entries -inf) of every token of a packed call -> `Scored`."""
     following, valid = next_in_segment(tokens, segments, prompts)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    chosen = jnp.take_along_axis(logp, following[:, None], axis=-1)[:, 0]
-    values, ids = jax.lax.top_k(logp, MAX_LOGPROBS)
-    return Scored(jnp.where(valid, chosen, 0.0), ids.astype(jnp.int32), values)
+    # log_softmax(x)[i] = x[i] - logsumexp(x): only the gathered entries and the top-N are ever read, so the
+    # [B*T, V] log-softmax is never materialised (one pass over the logits instead of three).
+    logits = logits.astype(jnp.float32)
+    norm = jax.nn.logsumexp(logits, axis=-1)
+    chosen = jnp.take_along_axis(logits, following[:, None], axis=-1)[:, 0] - norm
+    values, ids = jax.lax.top_k(logits, MAX_LOGPROBS)
+    return Scored(jnp.where(valid, chosen, 0.0), ids.astype(jnp.int32), values - norm[:, None])
 
 
 def prompt_entries(host: dict[str, np.ndarray], token_ids: list[int], start: int, n: int) -> list:
