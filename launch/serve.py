@@ -7,8 +7,9 @@ thread (`engine.async_engine.AsyncEngine`); FastAPI handlers only submit request
 
 Invariants:
 - Binds to 127.0.0.1 unless --host says otherwise.
-- Every error, 404 and 405 included, is OpenAI's error object. A rejected request gets 400 naming the field, 404 for an unknown model, 429 with
-  `Retry-After` when more than --max-waiting requests would wait for a slot, 503 once the engine stopped.
+- Every error, 404 and 405 included, is OpenAI's error object: 400 naming the field, 404 for an unknown
+  model or path, 405 for a wrong method, 429 with `Retry-After` when more than --max-waiting requests would
+  wait for a slot, 503 once the engine stopped.
 - A client that disconnects (streaming or not) has its requests aborted; their slots free at once.
 - A stream is `data: {chunk}\\n\\n` events ending with `data: [DONE]\\n\\n`, also after an error event.
 """

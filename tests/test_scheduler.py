@@ -550,3 +550,18 @@ def test_decode_widths_step_by_whole_slot_groups():
     assert EngineConfig(max_slots=64).decode_widths(1, 16) == (1, 2, 4, 8, 16, 32, 48, 64)
     assert EngineConfig(max_slots=16).decode_widths(1, 4) == (1, 2, 4, 8, 12, 16)
     assert EngineConfig(max_slots=16).decode_widths(2) == (2, 4, 8, 16)  # slots over data=2: one group
+
+
+def test_scoring_only_request_finishes_at_prefill_with_no_token():
+    sched = Scheduler(make_config())
+    score = make_request("score", max_new_tokens=0, prompt_logprobs=1)
+    other = make_request("gen", max_new_tokens=2)
+    sched.add(score)
+    sched.add(other)
+    updates = prefill_all(sched)
+    done = {u.request.request_id: u for u in updates}
+    assert done["score"].finished and done["score"].new_token_ids == [] and score.output_token_ids == []
+    assert score.finish_reason == "length" and score.slot is None and sched.num_live == 1
+    assert not done["gen"].finished and other.output_token_ids == [7]
+    batch = sched.schedule_decode()
+    assert batch.slots == (other.slot,)
