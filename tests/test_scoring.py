@@ -91,3 +91,11 @@ def test_scoring_leaves_generation_unchanged_and_compiles_nothing(engine):
 def test_prompt_logprobs_validation(fields, field):
     with pytest.raises(ValueError, match=f"SamplingParams.{field}"):
         SamplingParams(**fields)
+
+
+def test_sharded_scoring_equals_unsharded(engine, checkpoint):
+    batch = prompts(3)[:4]
+    sharded = Engine.from_pretrained(checkpoint, **{**OPTIONS, "max_slots": 4}, mesh="data=2,model=4")
+    for a, b in zip(engine.score(batch, top_n=2), sharded.score(batch, top_n=2)):
+        assert all(abs(x.logprob - y.logprob) <= 1e-5 and [t for t, _ in x.top] == [t for t, _ in y.top]
+                   for x, y in zip(a[1:], b[1:]))
