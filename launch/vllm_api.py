@@ -67,7 +67,7 @@ def error_body(message: str, type_: str) -> dict:
 def add_routes(app: FastAPI, server) -> None:
     """Register the tokenizer endpoints, /version and the OpenAI-shaped HTTP error handlers on `app`;
     `server` is `launch.serve.Server` (its tokenizer, engine and `error`)."""
-    from launch.openai_api import ApiError, bad
+    from launch.openai_api import ApiError, bad  # here: launch.openai_api imports this module
 
     def tokenizer():
         if server.tokenizer is None:

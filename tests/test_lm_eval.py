@@ -56,7 +56,7 @@ def _tasks(folder) -> None:
     """Two lm-eval tasks over local JSON files: multiple choice (log-likelihoods) and generate_until."""
     for name, rows in (("mc", MC), ("gen", GEN)):
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    common = f"dataset_path: json\ntest_split: test\n"
+    common = "dataset_path: json\ntest_split: test\n"
     (folder / "tiny_mc.yaml").write_text(
         f"task: tiny_mc\n{common}dataset_kwargs:\n  data_files:\n    test: {folder / 'mc.jsonl'}\n"
         "output_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\n"
@@ -104,7 +104,8 @@ def test_tokenizer_endpoints_version_and_model_card(server):
     url, _, _ = server
     tok = Tokenizer.gpt2()
     r = httpx.post(f"{url}/tokenize", json={"prompt": "Hello world", "return_token_strs": True}).json()
-    assert r == {"count": 2, "max_model_len": 64, "tokens": tok.encode("Hello world"), "token_strs": ["Hello", "Ġworld"]}
+    assert r == {"count": 2, "max_model_len": 64, "tokens": tok.encode("Hello world"),
+                 "token_strs": ["Hello", "Ġworld"]}
     assert httpx.post(f"{url}/detokenize", json={"tokens": r["tokens"] + [50256]}).json() == \
         {"prompt": "Hello world<|endoftext|>"}
     info = httpx.get(f"{url}/tokenizer_info").json()
