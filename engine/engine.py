@@ -1,4 +1,4 @@
-"""`Engine`: the facade users call (from_pretrained, generate, stream, logits).
+"""`Engine`: the facade users call (from_pretrained, generate, stream, score, logits).
 
 One request, end to end: `generate` validates and tokenizes every prompt first (a bad one raises before
 anything runs), expands `n` into n requests with derived seeds, and queues them in the `Scheduler`. Each
@@ -7,6 +7,8 @@ bucket, and runs one prefill program per group (prompt forward, K/V insert, firs
 device); (2) runs one decode program that advances every live slot k tokens; (3) hands the returned int
 arrays to the scheduler, which appends tokens, detects eos / stop tokens / stop strings / length, and
 frees slots at once so the next step refills them. Text is detokenised incrementally per request.
+Scoring (`score`, or `SamplingParams.prompt_logprobs` on any request) takes the same path: its prompts are
+packed into the same batched prefill calls, which then also score every prompt token (`engine.scoring`).
 
 A request that fails while it runs (its detokenising or stop checks raise, or a device call running it
 fails) finishes alone with finish_reason "error" and `Completion.error` set; the others go on. Only a
@@ -28,13 +30,13 @@ import numpy as np
 from engine.config import EngineConfig, GPT2Config, preset
 from engine.kv_cache import block_size
 from engine.programs import enable_compilation_cache
-from engine.requests import Completion, RequestError, RequestFactory, attach_rows, completion_of
+from engine.requests import Completion, RequestError, RequestFactory, TokenLogprob, attach_rows, completion_of
 from engine.runner import Runner
 from engine.sampling import SamplingParams, broadcast_params
 from engine.scheduler import Request, Scheduler, SchedulerConfig, Update
 from engine.sharding import check_mesh, describe, make_mesh, param_sharding_fn
 from engine.steps import StepRunner
-from engine.tokenizer import Tokenizer
+from engine.tokenizer import GPT2_VOCAB_SIZE, Tokenizer
 from weights import checkpoint, hf
 from weights.loader import init_dummy, load_safetensors
 
@@ -82,7 +84,7 @@ class Engine:
             graphdef, params = checkpoint.restore(folder, cfg, jdtype, sharding_fn)
         else:
             graphdef, params = load_safetensors(hf.weight_files(folder), cfg, jdtype, sharding_fn)
-        tok = _load_tokenizer(tokenizer, folder)
+        tok = _load_tokenizer(tokenizer, folder, cfg)
         return cls(cfg, graphdef, params, ecfg, tok, mesh=jmesh)
 
     def _scheduler_config(self) -> SchedulerConfig:
@@ -97,17 +99,26 @@ class Engine:
             decode_slot_counts=ecfg.decode_widths(self.mesh.shape["data"], ecfg.max_slots // self.runner.groups),
             eos_token_id=self.config.eos_token_id)
 
-    def warmup(self) -> dict[str, float]:
+    def warmup(self, score: bool = False) -> dict[str, float]:
         """Compile every program now (in parallel); afterwards no prompt length or parameter mix compiles
-        again. Returns the compile seconds per program class; `num_programs` says how many there are."""
+        again (with `score`, also the scoring prefill programs: then prompt_logprobs requests compile
+        nothing either). Returns the compile seconds per program class."""
         sc = self.scheduler.config
-        return self.runner.warmup(sc.prefill_buckets, sc.decode_windows, sc.decode_slot_counts)
+        return self.runner.warmup(sc.prefill_buckets, sc.decode_windows, sc.decode_slot_counts, score=score)
 
     @property
     def num_programs(self) -> int:
         """How many programs `warmup` compiles for this configuration (prefill + decode + move)."""
         sc = self.scheduler.config
         return len(self.runner.programs(sc.prefill_buckets, sc.decode_windows, sc.decode_slot_counts))
+
+    def score(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
+              top_n: int = 0) -> list[list[TokenLogprob | None]]:
+        """Per prompt: None for its first token, then each later token's log-probability given the tokens
+        before it (fp32 log-softmax of the raw logits) and the `top_n` most likely tokens there. Runs the
+        batched prefill (prompts packed together), generating nothing."""
+        params = SamplingParams(max_new_tokens=0, temperature=0.0, prompt_logprobs=top_n)
+        return [c.prompt_logprobs for c in self.generate(prompts, params)]
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """Next-token logits for every position of one sequence: float32 [len(token_ids), vocab_size]."""
@@ -189,7 +200,8 @@ def _is_token(x) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
-def _load_tokenizer(tokenizer, folder) -> Tokenizer | None:
+def _load_tokenizer(tokenizer, folder, cfg: GPT2Config) -> Tokenizer | None:
+    """The given tokenizer, else the folder's, else (for GPT-2's vocabulary) the packaged GPT-2 one."""
     if isinstance(tokenizer, Tokenizer):
         return tokenizer
     if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
@@ -199,4 +211,4 @@ def _load_tokenizer(tokenizer, folder) -> Tokenizer | None:
         return Tokenizer.from_path(path if path.exists() else hf.resolve(tokenizer))
     if folder is not None and any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json")):
         return Tokenizer.from_path(folder)
-    return None
+    return Tokenizer.gpt2() if cfg.vocab_size == GPT2_VOCAB_SIZE else None

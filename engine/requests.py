@@ -42,6 +42,8 @@ class Completion:
     index: int = 0  # sample index within its prompt (n > 1)
     request_id: str = ""
     error: str | None = None  # set (with finish_reason "error") when this request failed alone
+    # With `prompt_logprobs`: None for the first prompt token, then one entry per later prompt token.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class RequestError(RuntimeError):
@@ -136,4 +138,4 @@ def completion_of(req: Request, tokenizer: Tokenizer | None) -> Completion:
     index = int(req.request_id.rsplit("-", 1)[1]) if req.params.n > 1 else 0
     return Completion(text=text, token_ids=list(req.output_token_ids), prompt_token_ids=list(req.prompt_token_ids),
                       finish_reason=req.finish_reason, logprobs=logprobs, index=index, request_id=req.request_id,
-                      error=req.error)
+                      error=req.error, prompt_logprobs=req.prompt_logprobs)

@@ -10,6 +10,11 @@ Programs (a fixed set, all compiled by `warmup`):
   move(src group, dst group): copies every per-slot row (KV cache included) from one slot to another,
       for the scheduler's compaction of live requests into low slots (so N follows the number of live
       requests); one program per pair of the cache's slot groups.
+  score-prefill(bucket T, rows B): the same prefill, also scoring every packed prompt token (the logits of
+      all B*T tokens, log-softmaxed, gathered at each token's next token in its prompt, plus the top-N:
+      `engine.scoring`). A separate program, used only for calls holding a `prompt_logprobs` request (the
+      [B*T, V] logits cost far more than the P sampled rows) and compiled on its first such call: `warmup`
+      compiles it only when asked (`score=True`), so the no-recompile guarantee covers scoring only then.
 Insert is fused into prefill: a separate insert program would materialise every prompt's K/V once more.
 `DecodeState` is donated to every program, so the cache is updated in place and never copied. Sampling
 parameters are per-slot arrays inside it: new values never recompile. The host gets back one small int
@@ -31,6 +36,7 @@ from engine.kv_cache import CACHE_AXES, KVCache, slot_groups
 from engine.processors import process_logits, sample, top_logprobs, uses_penalties
 from engine.programs import Program, compile_all
 from engine.sampling import MAX_LOGPROBS, SamplingParams, SlotParams, slot_params
+from engine.scoring import Scored, score_packed
 from engine.sharding import make_mesh, named_sharding, partition_spec, per_shard, replicated, tree_shardings
 
 
@@ -128,6 +134,8 @@ class Runner:
         outs = (self.state_shardings, replicated(self.mesh))
         self.state = self._initial_state(cache_dtype)
         self._prefill = Program("prefill", self._prefill_impl, donate_argnums=(1,), out_shardings=outs)
+        self._score_prefill = Program("score-prefill", functools.partial(self._prefill_impl, score=True),
+                                      donate_argnums=(1,), out_shardings=outs)
         self._decode = Program("decode", self._decode_impl, donate_argnums=(1,), static_argnums=(2, 3),
                                out_shardings=outs)
         self._move = Program("move", _move_row, donate_argnums=(0,), out_shardings=self.state_shardings)
@@ -161,14 +169,16 @@ class Runner:
     def _model(self, params: nnx.State):
         return nnx.merge(self.graphdef, params)
 
-    def _prefill_impl(self, params, state: DecodeState, rows: PrefillRows):
+    def _prefill_impl(self, params, state: DecodeState, rows: PrefillRows, score: bool = False):
         self.trace_count += 1
         p, v, s = rows.slots.shape[0], self.cfg.padded_vocab_size, self.ecfg.max_slots
         # Each token's K/V goes to its prompt's slot; padding tokens to slot S: dropped.
         token_slots = jnp.where(rows.segments < p, rows.slots[jnp.minimum(rows.segments, p - 1)], s)
         logits, cache = self._model(params)(rows.tokens, rows.positions, state.cache, slots=token_slots,
-                                            segments=rows.segments, select=rows.last)
-        logits = self._full_vocab(logits, "rows")
+                                            segments=rows.segments, select=None if score else rows.last)
+        logits = self._full_vocab(logits.reshape(-1, v), "rows")  # scoring: every token's [B*T, V]
+        scored = score_packed(logits, rows.tokens, rows.segments, p) if score else None
+        logits = logits[rows.last] if score else logits
         # The prompt's tokens count as seen (repetition penalty); padding tokens are segment P: dropped.
         seen = jnp.zeros((p, v), bool).at[rows.segments, rows.tokens].set(True, mode="drop")
         counts = jnp.zeros((p, v), jnp.int32)
@@ -183,7 +193,7 @@ class Runner:
             params=SlotParams(*(put(a, r) for a, r in zip(state.params, rows.params))),
             wants_logprobs=put(state.wants_logprobs, rows.wants_logprobs),
             seen=put(state.seen, seen), counts=put(state.counts, counts))
-        return state, out
+        return state, (out if scored is None else (out, scored))
 
     def _decode_impl(self, params, state: DecodeState, window: int, width: int, blocks, live):
         """k steps of slots [0, width): the others are sliced off first and put back untouched after."""
@@ -228,6 +238,11 @@ class Runner:
         self.state, out = self._prefill(_prefill_key(rows), self.params, self.state, rows)
         return out
 
+    def score_prefill(self, rows: PrefillRows) -> tuple[Sampled, Scored]:
+        """`prefill`, also scoring every prompt token (`engine.scoring.Scored`, device arrays [B*T, ...])."""
+        self.state, out = self._score_prefill(_prefill_key(rows), self.params, self.state, rows)
+        return out
+
     def decode(self, window: int, width: int | None = None, reach=None) -> Sampled:
         """Run k decode steps over slots [0, width) (default all); returns device arrays [k, width] (and
         [k, width, N]). `reach` [S] (host ints, optional): the cache positions each slot reads up to in
@@ -245,14 +260,16 @@ class Runner:
         for src, dst in moves:
             self.state = self._move((), self.state, np.int32(src), np.int32(dst))
 
-    def programs(self, buckets: tuple[int, ...], windows: tuple[int, ...], widths: tuple[int, ...] = ()) -> list:
-        """(program, key, example args) of every program the engine can run: each (bucket, rows) prefill,
-        each (window, width) decode, and the move."""
+    def programs(self, buckets: tuple[int, ...], windows: tuple[int, ...], widths: tuple[int, ...] = (),
+                 score: bool = False) -> list:
+        """(program, key, example args) of every program the engine can run: each (bucket, rows) prefill
+        (with `score`, its scoring variant too), each (window, width) decode, and the move."""
         out = []
         for bucket in buckets:
             for size in self.ecfg.prefill_batch_sizes(bucket):
                 rows = dummy_rows(size, bucket, self.ecfg.prefill_prompts(bucket, size), self.ecfg.max_slots)
-                out.append((self._prefill, _prefill_key(rows), (self.params, self.state, rows)))
+                for program in (self._prefill, self._score_prefill) if score else (self._prefill,):
+                    out.append((program, _prefill_key(rows), (self.params, self.state, rows)))
         for window in windows:
             for width in widths or (self.ecfg.max_slots,):
                 blocks = np.asarray(self.state.cache.group_blocks(width, window), np.int32)
@@ -261,14 +278,15 @@ class Runner:
         out.append((self._move, (), (self.state, np.int32(0), np.int32(0))))
         return out
 
-    def warmup(self, buckets: tuple[int, ...], windows: tuple[int, ...], widths: tuple[int, ...] = ()) -> dict:
+    def warmup(self, buckets: tuple[int, ...], windows: tuple[int, ...], widths: tuple[int, ...] = (),
+               score: bool = False) -> dict:
         """Compile every program (in parallel; none runs): afterwards no prompt length, slot count or
         parameter mix compiles again. Returns the compile seconds per program class."""
-        return compile_all(self.programs(buckets, windows, widths))
+        return compile_all(self.programs(buckets, windows, widths, score))
 
     @property
     def num_compiled(self) -> int:
-        return len(self._prefill) + len(self._decode) + len(self._move)
+        return len(self._prefill) + len(self._score_prefill) + len(self._decode) + len(self._move)
 
 
 def _prefill_key(rows: PrefillRows) -> tuple[int, int, int]:

@@ -47,6 +47,8 @@ class SamplingParams:
     ignore_eos: bool = False
     n: int = 1
     logprobs: int | None = None
+    # Scoring (vLLM's name): the log-probability of every prompt token after the first, plus the top-N.
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -99,7 +101,9 @@ def _problems(p: SamplingParams) -> list[tuple[str, str]]:
 
     t_low, t_high = TEMPERATURE_RANGE
     r_low, r_high = REPETITION_PENALTY_RANGE
-    check("max_new_tokens", _int_in(p.max_new_tokens, 1, MAX_INT), "an int in [1, 2**63)")
+    scoring_only = p.max_new_tokens == 0 and p.prompt_logprobs is not None
+    check("max_new_tokens", _int_in(p.max_new_tokens, 0 if scoring_only else 1, MAX_INT),
+          "an int in [1, 2**63) (0 only with prompt_logprobs set: score the prompt, generate nothing)")
     check("temperature", _num_in(p.temperature, 0, 0) or _num_in(p.temperature, t_low, t_high),
           f"0 (greedy) or a number in [{t_low:g}, {t_high:g}]")
     check("top_k", _int_in(p.top_k, 0, MAX_INT), "an int in [0, 2**63) (0 = off)")
@@ -115,6 +119,9 @@ def _problems(p: SamplingParams) -> list[tuple[str, str]]:
     check("ignore_eos", isinstance(p.ignore_eos, bool), "a bool")
     check("n", _int_in(p.n, 1, MAX_N), f"an int in [1, {MAX_N}]")
     check("logprobs", p.logprobs is None or _int_in(p.logprobs, 0, MAX_LOGPROBS),
+          f"None or an int in [0, {MAX_LOGPROBS}]")
+    check("prompt_logprobs", p.prompt_logprobs is None or (_is_int(p.prompt_logprobs)
+                                                           and 0 <= p.prompt_logprobs <= MAX_LOGPROBS),
           f"None or an int in [0, {MAX_LOGPROBS}]")
     return out
 

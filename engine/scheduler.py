@@ -11,6 +11,7 @@ Invariants:
   it (continuous batching).
 - A live, prefilled slot holds `prompt_len + len(output_token_ids) - 1` cache positions: the newest
   sampled token is pending, fed by the next decode call, which advances every decoded slot `k` positions.
+- A request with `max_new_tokens == 0` (scoring only) finishes ("length") at its prefill with no token.
 - Every accepted token is appended to `output_token_ids` (its extra to `output_extras` when extras are
   given); tokens after a finish within one call are discarded.
 - Tokens reported for a slot whose request is no longer there (aborted in flight) are ignored.
@@ -120,6 +121,7 @@ class Request:
     key_data: object | None = None
     output_token_ids: list[int] = dataclasses.field(default_factory=list)
     output_extras: list = dataclasses.field(default_factory=list)
+    prompt_logprobs: list | None = None  # set by the prefill of a `params.prompt_logprobs` request
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str | None = None  # why, when finish_reason is "error"
     slot: int | None = None
@@ -244,6 +246,10 @@ class Scheduler:
         for row, (slot, request) in enumerate(batch.rows):
             if self._slots[slot] is not request or request.output_token_ids:
                 continue  # aborted in flight (or already reported)
+            if request.params.max_new_tokens == 0:  # scoring only: the sampled token is dropped
+                self._finish(request, "length")
+                updates.append(Update(request, [], True))
+                continue
             extra = [extras[row]] if extras is not None else []
             updates.append(self._accept_or_fail(request, [int(tokens[row])], extra))
         return updates

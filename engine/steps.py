@@ -2,7 +2,9 @@
 
 The bridge between the pure-Python `Scheduler` and the device `Runner`: it packs a `PrefillBatch` into
 padded host arrays, and turns the small arrays a program returns into token lists (and logprob entries,
-fetched from the device only when a request in the call asked for them).
+fetched from the device only when a request in the call asked for them). A call holding a
+`prompt_logprobs` request runs the runner's scoring prefill; each such request gets its prompt's entries
+(`engine.scoring.prompt_entries`) before the scheduler sees its first token.
 
 Failure isolation: a prefill, row-move or decode call that raises fails the requests it was running
 (`Scheduler.fail_calls`, finish_reason "error") and the step goes on; only `MAX_FAILED_CALLS` failed calls
@@ -19,6 +21,7 @@ from engine.requests import TokenLogprob, attach_rows
 from engine.runner import PrefillRows, Runner, Sampled, neutral_params
 from engine.sampling import SlotParams
 from engine.scheduler import DecodeBatch, PrefillBatch, Request, Scheduler, Update
+from engine.scoring import Scored, prompt_entries
 
 log = logging.getLogger(__name__)
 MAX_FAILED_CALLS = 3
@@ -67,6 +70,14 @@ def _fetch(out: Sampled, wanted: bool) -> dict:
     return {f: np.asarray(getattr(out, f)) for f in fields}
 
 
+def _attach_prompt_logprobs(batch: PrefillBatch, host: dict) -> None:
+    """Each scoring request's prompt logprobs, read at its placement in the call's flat [B*T] arrays."""
+    for (_, req), (row, start) in zip(batch.rows, batch.placement()):
+        n = req.params.prompt_logprobs
+        if n is not None:
+            req.prompt_logprobs = prompt_entries(host, req.prompt_token_ids, row * batch.bucket + start, n)
+
+
 class StepRunner:
     def __init__(self, runner: Runner, scheduler: Scheduler):
         self.runner, self.scheduler = runner, scheduler
@@ -109,8 +120,13 @@ class StepRunner:
         return []
 
     def _prefill(self, batch: PrefillBatch) -> list[Update]:
-        out = self.runner.prefill(pack_prefill(batch, self.scheduler.config.max_slots))
+        rows = pack_prefill(batch, self.scheduler.config.max_slots)
         reqs = [r for _, r in batch.rows]
+        if any(r.params.prompt_logprobs is not None for r in reqs):
+            out, scored = self.runner.score_prefill(rows)
+            _attach_prompt_logprobs(batch, {f: np.asarray(getattr(scored, f)) for f in Scored._fields})
+        else:
+            out = self.runner.prefill(rows)
         host = _fetch(out, any(r.params.logprobs is not None for r in reqs))
         extras = [_extra(r, host, row) for row, r in enumerate(reqs)] if "logprob" in host else None
         return self.scheduler.on_prefill_tokens(batch, host["tokens"][: len(reqs)].tolist(), extras)

@@ -2,6 +2,8 @@
 
 Owns three things:
 - `Tokenizer`: loads `tokenizer.json` or `vocab.json` + `merges.txt` (both give identical ids).
+  `Tokenizer.gpt2()` loads the GPT-2 BPE files shipped in this package (`engine/gpt2_tokenizer/`, the same
+  for every GPT-2 size): the tokenizer of a checkpoint folder or dummy preset that has none.
 - `IncrementalDetokenizer`: turns one token id at a time into text deltas. Byte-level tokens may hold
   part of a UTF-8 character; a delta never ends inside a character, and the joined deltas plus
   `flush()` always equal `Tokenizer.decode` of all ids.
@@ -20,6 +22,8 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
 EOS_TOKEN = "<|endoftext|>"
+PACKAGED_DIR = Path(__file__).resolve().parent / "gpt2_tokenizer"  # vocab.json + merges.txt
+GPT2_VOCAB_SIZE = 50257
 REPLACEMENT_CHAR = "\ufffd"
 
 
@@ -60,6 +64,11 @@ class Tokenizer:
             f"no tokenizer files in {path}: expected tokenizer.json, or vocab.json and merges.txt "
             f"together; found {present}"
         )
+
+    @classmethod
+    def gpt2(cls) -> Tokenizer:
+        """The GPT-2 tokenizer from the BPE files shipped in this package."""
+        return cls.from_path(PACKAGED_DIR)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, no special tokens added (`<|endoftext|>` in the text maps to its id)."""

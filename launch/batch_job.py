@@ -161,7 +161,7 @@ class BatchJob:
         self.stats.prompt_tokens += len(completions[0].prompt_token_ids)
         if entry.line.openai:
             return openai_output(entry.line, completions, self.options.model_name, tokenizer)
-        return native_output(entry.line, completions, has_text=tokenizer is not None)
+        return native_output(entry.line, completions, has_text=tokenizer is not None, tokenizer=tokenizer)
 
     def _step(self) -> None:
         if not self.engine.scheduler.has_work():

@@ -1,8 +1,10 @@
 """Batch-job lines: one JSON input line -> a validated `Job`; finished requests -> one JSON output line.
 
 Two line formats share this module:
-- native: `{"id": ..., "prompt": "..." | "prompt_token_ids": [...], <SamplingParams fields>...}`
-  (`max_tokens` is an alias of `max_new_tokens`);
+- native: `{"id": ..., "prompt": "..." | "prompt_token_ids": [...], <SamplingParams fields>..., "echo"?}`
+  (`max_tokens` is an alias of `max_new_tokens`; `prompt_logprobs` adds the prompt tokens' logprobs to the
+  output, null first; `echo` puts the prompt's text before the output text, and with `logprobs` also
+  scores the prompt; with either, `max_tokens` 0 scores the prompt and generates nothing);
 - OpenAI batch API: `{"custom_id": ..., "method": "POST", "url": "/v1/completions", "body": {...}}`,
   parsed and answered by `launch/openai_batch.py`.
 
@@ -24,10 +26,11 @@ from collections.abc import Mapping, Sequence
 
 from engine.requests import Completion, TokenLogprob
 from engine.sampling import SamplingParams
+from launch.completion_echo import prompt_text
 
 PARAM_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
 ALIASES = {"max_tokens": "max_new_tokens"}
-NATIVE_FIELDS = ("id", "prompt", "prompt_token_ids") + PARAM_FIELDS + tuple(ALIASES)
+NATIVE_FIELDS = ("id", "prompt", "prompt_token_ids", "echo") + PARAM_FIELDS + tuple(ALIASES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,8 +120,30 @@ def native_job(line: Line, defaults: SamplingParams, base_seed: int | None) -> J
         raise ValueError(f"{unknown[0]}: unknown field; expected 'prompt' or 'prompt_token_ids', 'id', "
                          f"'max_tokens' or a SamplingParams field ({', '.join(PARAM_FIELDS)})")
     prompt = native_prompt(obj)
-    overrides = {k: v for k, v in obj.items() if k in PARAM_FIELDS or k in ALIASES}
+    overrides = echo_overrides({k: v for k, v in obj.items() if k in PARAM_FIELDS or k in ALIASES},
+                               line_echo(line))
     return Job(line, prompt, sampling_params(overrides, defaults, line.seed_key, base_seed))
+
+
+def line_echo(line: Line) -> bool:
+    """The line's `echo` (native: top level; OpenAI: in the body); ValueError unless a boolean."""
+    obj = line.obj.get("body", {}) if line.openai else line.obj
+    echo = obj.get("echo") if isinstance(obj, Mapping) else None
+    if echo not in (None, True, False):
+        raise ValueError(f"echo: expected a boolean, got {json.dumps(echo)[:40]}")
+    return bool(echo)
+
+
+def echo_overrides(overrides: dict, echo: bool) -> dict:
+    """With echo: logprobs also score the prompt (prompt_logprobs >= logprobs); max_tokens 0 scores only."""
+    if not echo:
+        return overrides
+    out, logprobs = dict(overrides), overrides.get("logprobs")
+    if isinstance(logprobs, int) and isinstance(out.get("prompt_logprobs", 0), int):
+        out["prompt_logprobs"] = max(logprobs, out.get("prompt_logprobs") or 0)
+    if 0 in (out.get("max_tokens"), out.get("max_new_tokens")):
+        out.setdefault("prompt_logprobs", 0)
+    return out
 
 
 def native_prompt(obj: Mapping) -> str | list[int]:
@@ -181,21 +206,26 @@ def line_seed(base_seed: int, key: str) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def native_output(line: Line, completions: Sequence[Completion], has_text: bool) -> dict:
+def native_output(line: Line, completions: Sequence[Completion], has_text: bool, tokenizer=None) -> dict:
     """One output object: flat for n == 1, with `choices` for n > 1; usage counts the prompt once."""
     first = completions[0]
     usage = {"prompt_tokens": len(first.prompt_token_ids),
              "completion_tokens": sum(len(c.token_ids) for c in completions)}
+    echo = tokenizer if has_text and tokenizer is not None and line_echo(line) else None
     if len(completions) == 1:
-        return {**line.id_fields(), **_choice(first, has_text), "usage": usage}
-    choices = [{"index": c.index, **_choice(c, has_text)} for c in completions]
+        return {**line.id_fields(), **_choice(first, has_text, echo), "usage": usage}
+    choices = [{"index": c.index, **_choice(c, has_text, echo)} for c in completions]
     return {**line.id_fields(), "choices": choices, "usage": usage}
 
 
-def _choice(c: Completion, has_text: bool) -> dict:
-    out = {"text": c.text if has_text else None, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
+def _choice(c: Completion, has_text: bool, echo=None) -> dict:
+    """`echo`: None, or the tokenizer that gives the prompt's text to put before the output text."""
+    text = (prompt_text(c, echo) + c.text if echo is not None else c.text) if has_text else None
+    out = {"text": text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
     if c.logprobs is not None:
         out["logprobs"] = [_logprob(lp) for lp in c.logprobs]
+    if c.prompt_logprobs is not None:
+        out["prompt_logprobs"] = [None if lp is None else _logprob(lp) for lp in c.prompt_logprobs]
     return out
 
 

@@ -2,9 +2,12 @@
 
 Requests: `prompt` is a string, a list of strings, a list of token ids or a list of token-id lists;
 OpenAI's sampling fields (`max_tokens`, `temperature`, `top_p`, `n`, `stop`, `seed`, `presence_penalty`,
-`frequency_penalty`, `logprobs`) plus the extras `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`,
-`stop_token_ids`. Features this engine lacks (`echo`, `suffix`, `logit_bias`, `best_of != n`) and unknown
-fields are rejected by name, never silently ignored.
+`frequency_penalty`, `logprobs`, `echo`) plus the extras `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`,
+`stop_token_ids`, and vLLM's extra fields (`launch.vllm_api.split_extras`: `prompt_logprobs`, `min_tokens`,
+...). `echo` puts the prompt before each choice's text and its tokens' logprobs before the generated ones
+(`launch/completion_echo.py`); with echo, `max_tokens` may be 0 (the prompt alone). Features this engine
+lacks (`suffix`, `logit_bias`, `best_of != n`, echo while streaming) are rejected by name; unknown fields
+are ignored with a warning in the log, as vLLM does.
 
 Invariant: every rejection is an `ApiError` whose `param` names the offending request field, so the
 server can answer OpenAI's error object `{"error": {"message", "type", "param", "code"}}`.
@@ -20,6 +23,8 @@ from collections.abc import Mapping, Sequence
 from engine.requests import Completion, TokenLogprob
 from engine.sampling import SamplingParams
 from engine.tokenizer import Tokenizer
+from launch.completion_echo import echo_logprobs, prompt_text, vllm_prompt_logprobs
+from launch.vllm_api import split_extras
 
 MAX_CHOICES = 256  # prompts x n per request: bounds the work one HTTP request can queue
 # OpenAI field -> SamplingParams field; None: handled here, not a SamplingParams field
@@ -31,7 +36,7 @@ SAMPLING_FIELDS = {
 }
 OTHER_FIELDS = ("model", "prompt", "stream", "stream_options", "user", "echo", "suffix", "logit_bias", "best_of")
 # field -> the only values accepted (anything else asks for a feature this engine does not have)
-NEUTRAL = {"echo": (False, None), "suffix": (None, ""), "logit_bias": (None, {})}
+NEUTRAL = {"suffix": (None, ""), "logit_bias": (None, {})}
 OPENAI_DEFAULT_MAX_TOKENS = 16
 
 
@@ -54,6 +59,9 @@ class CompletionRequest:
     params: SamplingParams
     stream: bool
     include_usage: bool  # stream_options.include_usage: a last chunk with the usage
+    echo: bool = False
+    continuous_usage: bool = False  # stream_options.continuous_usage_stats (vLLM): usage on every chunk
+    prompt_logprobs: bool = False  # asked for vLLM's prompt_logprobs field (echo alone computes them unshown)
 
 
 def bad(param: str | None, message: str) -> ApiError:
@@ -64,9 +72,10 @@ def parse_completion_request(body: object) -> CompletionRequest:
     """Validate a decoded JSON body; ApiError(400) naming the first bad field."""
     if not isinstance(body, Mapping):
         raise bad(None, f"the request body must be a JSON object, got {type(body).__name__}")
-    unknown = sorted(k for k in body if k not in SAMPLING_FIELDS and k not in OTHER_FIELDS)
-    if unknown:
-        raise bad(unknown[0], "unknown or unsupported parameter for /v1/completions")
+    try:
+        body, extras = split_extras(body, set(SAMPLING_FIELDS) | set(OTHER_FIELDS))
+    except ValueError as e:
+        raise bad_field(str(e)) from None
     for field, allowed in NEUTRAL.items():
         if field in body and body[field] not in allowed:
             raise bad(field, f"{body[field]!r} is not supported by this engine; omit it")
@@ -74,14 +83,25 @@ def parse_completion_request(body: object) -> CompletionRequest:
     if model is not None and not isinstance(model, str):
         raise bad("model", f"expected a string, got {type(model).__name__}")
     prompts = parse_prompts(body.get("prompt"))
-    params = sampling_params(body)
+    echo = _echo(body)
+    params = sampling_params(body, extras, echo)
     if body.get("best_of") not in (None, params.n):
         raise bad("best_of", f"{body['best_of']!r} is not supported; only best_of == n (no re-ranking)")
     if len(prompts) * params.n > MAX_CHOICES:
         raise bad("n", f"{len(prompts)} prompts x n={params.n} is {len(prompts) * params.n} completions; "
                        f"at most {MAX_CHOICES} per request")
-    stream, include_usage = _stream_fields(body)
-    return CompletionRequest(model, prompts, params, stream, include_usage)
+    stream, include_usage, continuous = _stream_fields(body)
+    if echo and stream:
+        raise bad("echo", "echo is not supported with stream=true; use a non-streaming request")
+    return CompletionRequest(model, prompts, params, stream, include_usage, echo, continuous,
+                             "prompt_logprobs" in extras)
+
+
+def _echo(body: Mapping) -> bool:
+    echo = body.get("echo") or False
+    if not isinstance(echo, bool):
+        raise bad("echo", f"expected a boolean, got {_short(echo)}")
+    return echo
 
 
 def parse_prompts(prompt: object) -> list[str | list[int]]:
@@ -101,9 +121,16 @@ def parse_prompts(prompt: object) -> list[str | list[int]]:
                         "non-empty lists of ints only")
 
 
-def sampling_params(body: Mapping) -> SamplingParams:
+def sampling_params(body: Mapping, extras: Mapping | None = None, echo: bool = False) -> SamplingParams:
+    """SamplingParams of a request; with `echo` and `logprobs`, prompt_logprobs is at least logprobs, and
+    `max_tokens` 0 means prompt scoring only."""
     fields = {name: body[key] for key, name in SAMPLING_FIELDS.items() if body.get(key) is not None}
+    fields.update(extras or {})
     fields.setdefault("max_new_tokens", OPENAI_DEFAULT_MAX_TOKENS)
+    if echo and _is_int(fields.get("logprobs")) and _is_int(fields.get("prompt_logprobs", 0)):
+        fields["prompt_logprobs"] = max(fields["logprobs"], fields.get("prompt_logprobs") or 0)
+    if echo and fields["max_new_tokens"] == 0:
+        fields.setdefault("prompt_logprobs", 0)
     stop = fields.get("stop", [])
     if not (isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))):
         raise bad("stop", f"expected a string or a list of strings, got {_short(stop)}")
@@ -124,19 +151,22 @@ def bad_field(message: str) -> ApiError:
     return bad(openai_names.get(field, field), problem)
 
 
-def _stream_fields(body: Mapping) -> tuple[bool, bool]:
+def _stream_fields(body: Mapping) -> tuple[bool, bool, bool]:
+    """(stream, include_usage, continuous_usage_stats)."""
     stream = body.get("stream") or False
     if not isinstance(stream, bool):
         raise bad("stream", f"expected a boolean, got {_short(stream)}")
     options = body.get("stream_options")
     if options is None:
-        return stream, False
+        return stream, False, False
     if not stream:
         raise bad("stream_options", "only allowed when stream is true")
-    if not isinstance(options, Mapping) or set(options) - {"include_usage"} or \
-            not isinstance(options.get("include_usage", False), bool):
-        raise bad("stream_options", f"expected {{'include_usage': bool}}, got {_short(options)}")
-    return stream, options.get("include_usage", False)
+    flags = ("include_usage", "continuous_usage_stats")
+    if not isinstance(options, Mapping) or set(options) - set(flags) or \
+            not all(isinstance(options.get(f, False), bool) for f in flags):
+        raise bad("stream_options", f"expected {{'include_usage': bool, 'continuous_usage_stats': bool}}, "
+                                    f"got {_short(options)}")
+    return stream, options.get("include_usage", False), options.get("continuous_usage_stats", False)
 
 
 def _is_int(x: object) -> bool:
@@ -180,17 +210,31 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def completion_body(cid: str, model: str, choices: Mapping[int, Completion], n: int,
-                    tokenizer: Tokenizer | None) -> dict:
+                    tokenizer: Tokenizer | None, echo: bool = False, prompt_logprobs: bool = False) -> dict:
     """The non-streaming response; `choices` maps choice index -> Completion; prompts counted once."""
     ordered = [choices[i] for i in sorted(choices)]
     prompt_tokens = sum(len(c.prompt_token_ids) for c in ordered[::n])
     return {
         "id": cid, "object": "text_completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": i, "text": c.text, "finish_reason": c.finish_reason,
-                     "logprobs": None if c.logprobs is None else logprobs_payload(c.logprobs, tokenizer)}
+        "choices": [{"index": i, **choice_fields(c, tokenizer, echo, prompt_logprobs)}
                     for i, c in zip(sorted(choices), ordered)],
         "usage": usage(prompt_tokens, sum(len(c.token_ids) for c in ordered)),
     }
+
+
+def choice_fields(c: Completion, tokenizer: Tokenizer | None, echo: bool, prompt_logprobs: bool) -> dict:
+    """text, finish_reason, logprobs (and vLLM's prompt_logprobs when asked for) of one choice."""
+    if c.logprobs is None:
+        logprobs = None
+    elif echo:
+        logprobs = echo_logprobs(c, tokenizer, logprobs_payload)
+    else:
+        logprobs = logprobs_payload(c.logprobs, tokenizer)
+    out = {"text": prompt_text(c, tokenizer) + c.text if echo else c.text, "finish_reason": c.finish_reason,
+           "logprobs": logprobs}
+    if prompt_logprobs and c.prompt_logprobs is not None:
+        out["prompt_logprobs"] = vllm_prompt_logprobs(c.prompt_logprobs, tokenizer, token_text)
+    return out
 
 
 def stream_chunk(cid: str, model: str, choices: list[dict], usage_: dict | None = None) -> dict:

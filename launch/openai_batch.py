@@ -3,8 +3,9 @@
 Input:  `{"custom_id": "r1", "method": "POST", "url": "/v1/completions", "body": {"model": ..., "prompt": ...,
          "max_tokens": 16, "temperature": 1, "top_p": 1, "n": 1, "stop": ..., "seed": ..., "logprobs": ...}}`.
 The body may also carry any `SamplingParams` field (top_k, min_p, repetition_penalty, ignore_eos, ...);
-`model` and `user` are accepted and ignored (the job's --model answers). Features this engine lacks
-(echo, suffix, best_of != n, logit_bias, stream) are rejected by name rather than silently ignored.
+`model` and `user` are accepted and ignored (the job's --model answers); `echo` (and `prompt_logprobs`)
+as in the server (`launch/completion_echo.py`). Features this engine lacks (suffix, best_of != n,
+logit_bias, stream) are rejected by name rather than silently ignored.
 Output: `{"id": "batch_req_...", "custom_id", "response": {"status_code": 200, "request_id", "body":
 <text_completion>}, "error": null}`; a bad line: `{"id", "custom_id", "response": null, "error": {"code",
 "message"}}`.
@@ -17,13 +18,13 @@ from collections.abc import Mapping, Sequence
 from engine.requests import Completion
 from engine.sampling import SamplingParams
 from engine.tokenizer import Tokenizer
-from launch.jsonl import ALIASES, PARAM_FIELDS, Job, Line, checked_text, sampling_params
+from launch.jsonl import ALIASES, PARAM_FIELDS, Job, Line, checked_text, echo_overrides, line_echo, sampling_params
 from launch.openai_api import completion_body, new_completion_id
 
 COMPLETIONS_URL = "/v1/completions"
 IGNORED = ("model", "user")
 # field -> the only values accepted (anything else asks for a feature this engine does not have)
-NEUTRAL = {"echo": (False, None), "stream": (False, None), "suffix": (None, ""), "logit_bias": (None, {})}
+NEUTRAL = {"stream": (False, None), "suffix": (None, ""), "logit_bias": (None, {})}
 LINE_FIELDS = ("custom_id", "method", "url", "body")
 
 
@@ -39,12 +40,12 @@ def openai_job(line: Line, defaults: SamplingParams, base_seed: int | None) -> J
     body = obj.get("body")
     if not isinstance(body, dict):
         raise ValueError(f"body: expected a JSON object with the completion request, got {type(body).__name__}")
-    overrides = _body_params(body)
+    overrides = echo_overrides(_body_params(body), line_echo(line))
     return Job(line, body_prompt(body), sampling_params(overrides, defaults, line.seed_key, base_seed))
 
 
 def _body_params(body: Mapping) -> dict:
-    known = set(PARAM_FIELDS) | set(ALIASES) | set(IGNORED) | set(NEUTRAL) | {"prompt", "best_of"}
+    known = set(PARAM_FIELDS) | set(ALIASES) | set(IGNORED) | set(NEUTRAL) | {"prompt", "best_of", "echo"}
     unknown = sorted(k for k in body if k not in known)
     if unknown:
         raise ValueError(f"body.{unknown[0]}: unknown or unsupported completion parameter")
@@ -75,7 +76,8 @@ def openai_output(line: Line, completions: Sequence[Completion], model: str, tok
     """The line's `text_completion` (the server's response body) wrapped in a batch output line; `completions`
     are the n samples of the line's one prompt."""
     choices = {c.index: c for c in completions}
-    body = completion_body(new_completion_id(), model, choices, len(completions), tokenizer)
+    asked = line.obj["body"].get("prompt_logprobs") is not None
+    body = completion_body(new_completion_id(), model, choices, len(completions), tokenizer, line_echo(line), asked)
     response = {"status_code": 200, "request_id": uuid.uuid4().hex, "body": body}
     return {"id": _batch_id(), "custom_id": line.ident, "response": response, "error": None}
 

@@ -1,14 +1,15 @@
 """`python -m launch.serve --model M [--host 127.0.0.1] [--port 8000] [...]`: an OpenAI-compatible server.
 
 Endpoints: `POST /v1/completions` (JSON or SSE stream), `GET /v1/models`, `GET /health`, `GET /metrics`
-(Prometheus text). Engine flags map 1:1 onto `EngineConfig` fields, limit flags onto `ServerLimits`
+(Prometheus text), and vLLM's `POST /tokenize`, `POST /detokenize`, `GET /tokenizer_info`, `GET /version`
+(`launch/vllm_api.py`). Engine flags map 1:1 onto `EngineConfig` fields, limit flags onto `ServerLimits`
 (`launch/server_limits.py`). The engine runs on one background thread (`engine.async_engine.AsyncEngine`);
 FastAPI handlers only submit requests (prompts are tokenized on a worker thread) and relay deltas.
 
 Invariants:
 - Binds to 127.0.0.1 unless --host says otherwise.
-- A rejected request gets OpenAI's error object: 400 naming the field, 401 without the --api-key, 404 for an
-  unknown model or path, 405, 408 for a body too slow to arrive, 413 for one too large, 429 with
+- Every error is OpenAI's error object: 400 naming the field, 401 without the --api-key, 404 for an unknown
+  model or path, 405 for a wrong method, 408 for a body too slow to arrive, 413 for one too large, 429 with
   `Retry-After` when more than --max-waiting requests would wait for a slot, 503 once the engine stopped.
 - A request that fails while running gets 500 (an error event in a stream); the engine serves the others,
   and /health turns 503 only when the engine loop cannot run at all.
@@ -42,6 +43,7 @@ from launch.openai_api import (ApiError, CompletionRequest, bad, bad_field, comp
 from launch.server_limits import ServerLimits, add_limit_flags, check_request, install_guards, limits_from_args, \
     uvicorn_options
 from launch.server_metrics import CONTENT_TYPE, ServerMetrics
+from launch.vllm_api import add_routes
 
 log = logging.getLogger("launch.serve")
 ENGINE_FLAGS = ("max_slots", "max_seq_len", "decode_steps", "prefill_buckets", "prefill_token_budget", "mesh",
@@ -106,6 +108,7 @@ def create_app(engine: AsyncEngine, model: str, device: str | None = None,
     async def metrics() -> Response:
         return Response(server.metrics.render(), media_type=CONTENT_TYPE)
 
+    add_routes(app, server)
     return app
 
 
@@ -146,7 +149,8 @@ async def _completions(server: Server, request: Request) -> Response:
         server.metrics.count(499)
         return Response(status_code=499)
     server.metrics.count(200)
-    return JSONResponse(completion_body(cid, server.model, done, req.params.n, server.tokenizer))
+    return JSONResponse(completion_body(cid, server.model, done, req.params.n, server.tokenizer, req.echo,
+                                        req.prompt_logprobs))
 
 
 async def _json_body(request: Request) -> object:
@@ -191,14 +195,18 @@ async def _sse(server: Server, cid: str, req: CompletionRequest, handle: Request
                outcome: dict) -> AsyncIterator[str]:
     """The event stream; a disconnect cancels it (the response's background task aborts what is left)."""
     offsets, finished = {}, {}
+    prompt_tokens = sum(len(p) for p in handle.prompt_token_ids[:: req.params.n])
+    generated = 0
     try:
         async for delta in handle:
             choice = _stream_choice(server, delta, offsets)
+            generated += len(delta.token_ids)
             if delta.completion is not None:
                 finished[delta.index] = delta.completion
                 server.metrics.observe(delta.timing)
-            if choice is not None:
-                yield _event(stream_chunk(cid, server.model, [choice]))
+            if choice is not None:  # vLLM's continuous_usage_stats: the usage so far on every chunk
+                tally = usage(prompt_tokens, generated) if req.continuous_usage else None
+                yield _event(stream_chunk(cid, server.model, [choice], tally))
         if req.include_usage:
             done = [finished[i] for i in sorted(finished)]
             prompt_tokens = sum(len(c.prompt_token_ids) for c in done[:: req.params.n])

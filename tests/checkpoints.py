@@ -1,9 +1,10 @@
 """Tiny random GPT-2 checkpoints for the tests: a `transformers.GPT2LMHeadModel` written by `save_pretrained`
-(safetensors), plus the real GPT-2 tokenizer files from the shared data folder.
+(safetensors), plus the real GPT-2 tokenizer files the `engine` package ships (`engine/gpt2_tokenizer/`): the
+suite never reads files from outside the repository.
 
 Invariants: the weights depend only on `seed` and the config (torch's global RNG is seeded right before the
 model is built), so each test file that picks its own seed and sizes gets the same checkpoint every run.
-A missing tokenizer folder or a missing torch/transformers skips the calling test, naming what is missing.
+A missing torch/transformers skips the calling test, naming what is missing.
 """
 from __future__ import annotations
 
@@ -12,14 +13,15 @@ from pathlib import Path
 
 import pytest
 
-TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "shared/data/gpt2-tokenizer"
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json")
+from engine.tokenizer import PACKAGED_DIR
+
+TOKENIZER_DIR = PACKAGED_DIR
+TOKENIZER_FILES = ("vocab.json", "merges.txt")
 
 
 def require_tokenizer() -> Path:
-    """The shared GPT-2 tokenizer folder; skips the calling test when it is absent."""
-    if not TOKENIZER_DIR.is_dir():
-        pytest.skip(f"GPT-2 tokenizer files not found at {TOKENIZER_DIR}")
+    """The packaged GPT-2 tokenizer folder (part of the repository: a missing one is a failure)."""
+    assert all((TOKENIZER_DIR / f).is_file() for f in TOKENIZER_FILES), f"missing {TOKENIZER_DIR}/{TOKENIZER_FILES}"
     return TOKENIZER_DIR
 
 

@@ -1,11 +1,12 @@
-"""Shared test setup: 8 fake CPU devices (set before JAX initialises), offline hub access, and one tiny
-engine shared by the test files that only need engine behaviour (its compiled programs are reused)."""
+"""Shared test setup: 8 fake CPU devices (set before JAX initialises), offline hub and datasets access, and
+one tiny engine shared by the test files that only need engine behaviour (its compiled programs are reused)."""
 import os
 
 import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # lm-eval reads its task files through `datasets`
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 

@@ -83,9 +83,13 @@ OPENAI_LINES = [
     {"custom_id": "oa-chat", "method": "POST", "url": "/v1/chat/completions",
      "body": {"model": "gpt2", "messages": [{"role": "user", "content": "Hi"}]}},
     {"custom_id": "oa-many", "url": "/v1/completions", "body": {"prompt": ["a", "b"]}},
-    {"custom_id": "oa-echo", "url": "/v1/completions", "body": {"prompt": "a", "echo": True}},
+    {"custom_id": "oa-echo", "url": "/v1/completions", "body": {"prompt": "a", "echo": "yes"}},
     {"custom_id": "oa-temp", "url": "/v1/completions", "body": {"prompt": "a", "temperature": -1}},
+    {"custom_id": "oa-score", "url": "/v1/completions",
+     "body": {"prompt": "Say this is a test", "echo": True, "logprobs": 2, "max_tokens": 0}},
 ]
+SCORE_LINE = {"id": "score", "prompt": "Say this is", "prompt_logprobs": 1, "echo": True, "max_tokens": 2,
+              "temperature": 0}
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +97,7 @@ def mixed(tmp_path_factory, tiny_model, env):
     """One run over good, bad, blank and OpenAI lines, interleaved."""
     folder = tmp_path_factory.mktemp("mixed")
     lines = [GOOD_LINES[0], *[b for b, _ in BAD_LINES[:6]], "", GOOD_LINES[1], OPENAI_LINES[0], GOOD_LINES[2],
-             *[b for b, _ in BAD_LINES[6:]], *OPENAI_LINES[1:], "   ", GOOD_LINES[3]]
+             *[b for b, _ in BAD_LINES[6:]], *OPENAI_LINES[1:], "   ", GOOD_LINES[3], SCORE_LINE]
     path = write_jsonl(folder / "mixed.jsonl", lines)
     proc = run_batch(env, path, "--model", tiny_model, *ENGINE_FLAGS, "--max-new-tokens", "4")
     assert proc.returncode == 0, proc.stderr
@@ -125,7 +129,7 @@ def test_bad_lines_get_error_naming_the_problem(mixed):
     for (_, fragment), out in zip(BAD_LINES, errors):
         assert fragment in out["error"], out
         assert set(out) == ({"id", "error"} if out["id"] is not None else {"id", "line", "error"})
-    assert "lines: 5 ok, 15 failed" in proc.stderr  # 4 native + 1 OpenAI ok; 11 native + 4 OpenAI failed
+    assert "lines: 7 ok, 15 failed" in proc.stderr  # 5 native + 2 OpenAI ok; 11 native + 4 OpenAI failed
 
 
 def test_good_native_lines(mixed, tiny_model):
@@ -148,6 +152,12 @@ def test_good_native_lines(mixed, tiny_model):
     assert sampled["usage"] == {"prompt_tokens": 3, "completion_tokens": 8}
     stopped = by_id[7]
     assert "three" not in stopped["text"] and len(stopped["token_ids"]) <= 8
+    score = by_id["score"]  # echo: the prompt's text first; prompt_logprobs: null, then one per later token
+    prompt = tok.encode("Say this is")
+    assert score["text"] == "Say this is" + tok.decode(score["token_ids"]) and len(score["token_ids"]) == 2
+    assert score["prompt_logprobs"][0] is None and len(score["prompt_logprobs"]) == len(prompt)
+    assert [lp["token_id"] for lp in score["prompt_logprobs"][1:]] == prompt[1:]
+    assert all(len(lp["top"]) == 1 and lp["top"][0][1] >= lp["logprob"] for lp in score["prompt_logprobs"][1:])
 
 
 def test_openai_batch_lines(mixed):
@@ -165,6 +175,11 @@ def test_openai_batch_lines(mixed):
     assert "".join(logprobs["tokens"]) == body["choices"][0]["text"]
     usage = body["usage"]
     assert usage["completion_tokens"] == 10 and usage["total_tokens"] == usage["prompt_tokens"] + 10
+    scored = outputs["oa-score"]["response"]["body"]["choices"][0]  # echo, max_tokens 0: the prompt alone
+    assert scored["text"] == "Say this is a test" and "".join(scored["logprobs"]["tokens"]) == scored["text"]
+    assert scored["logprobs"]["token_logprobs"][0] is None and scored["logprobs"]["top_logprobs"][0] is None
+    assert all(len(top) <= 2 for top in scored["logprobs"]["top_logprobs"][1:])
+    assert scored["logprobs"]["text_offset"][:2] == [0, len("Say")]
     for custom_id, fragment in [("oa-chat", "/v1/chat/completions"), ("oa-many", "2 prompts"),
                                 ("oa-echo", "echo"), ("oa-temp", "temperature")]:
         out = outputs[custom_id]
@@ -278,16 +293,16 @@ def test_bad_flag_is_a_usage_error(tmp_path, env):
     assert proc.returncode == 2 and "top_p" in proc.stderr
 
 
-def test_dummy_gpt2_with_token_ids_only(tmp_path, env):
+def test_dummy_gpt2_uses_the_packaged_tokenizer(tmp_path, env):
     lines = [{"id": "ids", "prompt_token_ids": [464, 2068, 7586, 21831], "temperature": 0},
-             {"id": "text", "prompt": "needs a tokenizer"},
+             {"id": "text", "prompt": "no tokenizer files anywhere"},
              {"id": "stop", "prompt_token_ids": [464], "stop": ["x"]}]
     path = write_jsonl(tmp_path / "ids.jsonl", lines)
     proc = run_batch(env, path, "--load-format", "dummy", "--model", "gpt2", "--max-slots", "2", "--max-seq-len",
                      "32", "--decode-steps", "2", "--prefill-buckets", "16", "--max-new-tokens", "3")
     assert proc.returncode == 0, proc.stderr
     ok, text, stop = read_jsonl(tmp_path / "ids.out.jsonl")
-    assert ok["text"] is None and len(ok["token_ids"]) == 3
+    assert isinstance(ok["text"], str) and len(ok["token_ids"]) == 3
     assert all(0 <= t < 50257 for t in ok["token_ids"])
-    assert "tokenizer" in text["error"] and "prompt_token_ids" in text["error"]
-    assert "stop" in stop["error"] and "tokenizer" in stop["error"]
+    assert "error" not in text and len(text["token_ids"]) == 3
+    assert "error" not in stop and stop["finish_reason"] in ("stop", "length")

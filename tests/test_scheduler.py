@@ -551,3 +551,18 @@ def test_decode_widths_step_by_whole_groups_times_four():
     assert EngineConfig(max_slots=256).decode_widths(1, 4) == (4, 16, 64, 256)
     assert EngineConfig(max_slots=16).decode_widths(2) == (16,)  # slots over data=2: one group, no reslicing
     assert EngineConfig(max_slots=16, max_seq_len=1000).decode_windows(128) == (128, 256, 512, 1000)
+
+
+def test_scoring_only_request_finishes_at_prefill_with_no_token():
+    sched = Scheduler(make_config())
+    score = make_request("score", max_new_tokens=0, prompt_logprobs=1)
+    other = make_request("gen", max_new_tokens=2)
+    sched.add(score)
+    sched.add(other)
+    updates = prefill_all(sched)
+    done = {u.request.request_id: u for u in updates}
+    assert done["score"].finished and done["score"].new_token_ids == [] and score.output_token_ids == []
+    assert score.finish_reason == "length" and score.slot is None and sched.num_live == 1
+    assert not done["gen"].finished and other.output_token_ids == [7]
+    batch = sched.schedule_decode()
+    assert batch.slots == (other.slot,)

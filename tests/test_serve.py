@@ -163,7 +163,7 @@ def test_logprobs_and_usage_chunk(served):
     ({"prompt": "x", "max_tokens": -1}, "max_tokens"), ({"prompt": "x", "temperature": "hot"}, "temperature"),
     ({"prompt": "x", "top_p": 2}, "top_p"), ({"prompt": "x", "n": 0}, "n"), ({"prompt": "x", "stop": 5}, "stop"),
     ({"prompt": "x", "logprobs": 50}, "logprobs"), ({"prompt": "x", "stream": "yes"}, "stream"),
-    ({"prompt": "x", "echo": True}, "echo"), ({"prompt": "x", "frobnicate": 1}, "frobnicate"),
+    ({"prompt": "x", "echo": "yes"}, "echo"), ({"prompt": "x", "min_tokens": 5}, "min_tokens"),
     ({"prompt": "x", "seed": -1}, "seed"), ({"prompt": "x", "presence_penalty": 3}, "presence_penalty"),
 ])
 def test_bad_field_gets_openai_error_400(served, body, param):

@@ -1,7 +1,8 @@
-"""Tokenizer, incremental detokenisation and stop strings against the real GPT-2 tokenizer files."""
+"""Tokenizer, incremental detokenisation and stop strings against the real GPT-2 tokenizer files (the copy
+the `engine` package ships)."""
 
 import ast
-import shutil
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -53,21 +54,32 @@ def test_unicode_round_trip(tok):
     assert tok.encode_batch(TEXTS) == [tok.encode(t) for t in TEXTS]
 
 
-def test_vocab_merges_match_tokenizer_json(tok, tmp_path):
-    for name in ("vocab.json", "merges.txt"):
-        shutil.copy(TOKENIZER_DIR / name, tmp_path / name)
-    from_bpe = Tokenizer.from_path(tmp_path)
-    assert from_bpe.eos_token_id == 50256
-    assert from_bpe.vocab_size == tok.vocab_size
+OFFICIAL_SHA256 = {  # the files of the hub's `gpt2` (identical for every GPT-2 size)
+    "vocab.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    "merges.txt": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+}
+
+
+def test_packaged_files_are_the_official_ones():
+    for name, digest in OFFICIAL_SHA256.items():
+        assert hashlib.sha256((TOKENIZER_DIR / name).read_bytes()).hexdigest() == digest
+    assert Tokenizer.gpt2().encode(TEXTS[0]) == [17250, 616, 1438, 318]
+
+
+def test_vocab_merges_match_transformers_gpt2_tokenizer(tok):
+    transformers = pytest.importorskip("transformers")
+    slow = transformers.GPT2Tokenizer(str(TOKENIZER_DIR / "vocab.json"), str(TOKENIZER_DIR / "merges.txt"))
+    assert tok.eos_token_id == 50256 and tok.vocab_size == len(slow)
     for text in TEXTS:
-        assert from_bpe.encode(text) == tok.encode(text)
-        assert from_bpe.decode(tok.encode(text)) == tok.decode(tok.encode(text))
+        assert tok.encode(text) == slow.encode(text)
+        assert tok.decode(tok.encode(text)) == slow.decode(tok.encode(text), skip_special_tokens=True)
 
 
-def test_from_file_and_from_object(tok):
-    by_file = Tokenizer.from_path(TOKENIZER_DIR / "tokenizer.json")
+def test_from_file_and_from_object(tok, tmp_path):
+    tok._tok.save(str(tmp_path / "tokenizer.json"))
+    by_file = Tokenizer.from_path(tmp_path / "tokenizer.json")
     assert by_file.encode(UNICODE_TEXT) == tok.encode(UNICODE_TEXT)
-    hf = tokenizers.Tokenizer.from_file(str(TOKENIZER_DIR / "tokenizer.json"))
+    hf = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
     assert Tokenizer.from_object(hf).encode(UNICODE_TEXT) == tok.encode(UNICODE_TEXT)
     with pytest.raises(TypeError, match="tokenizers.Tokenizer"):
         Tokenizer("not a tokenizer")
