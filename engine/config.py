@@ -110,6 +110,11 @@ def preset(name: str) -> GPT2Config:
 DTYPES = ("float32", "bfloat16")
 
 
+# Programs `Engine.warmup` compiles for the default EngineConfig on a 1024-position model (README
+# "Start-up and compilation"): 17 prefill (bucket x rows), 8 decode (4 windows x 2 widths), 1 row move.
+DEFAULT_PROGRAMS = 26
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """How the engine runs: slots, context, decode steps per call, prefill buckets, dtype, mesh."""

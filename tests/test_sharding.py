@@ -165,18 +165,24 @@ def test_sharded_engine_matches_unsharded(tiny_model, reference, data, model):
     assert_rules_applied(engine)
 
 
-def test_slot_compaction_on_a_data_sharded_mesh(tiny_model, reference, monkeypatch):
-    """Admitted together, the six requests allowed 40 new tokens take slots 0-5 (longest first) and are
-    aborted after the first step; the two allowed 12 (slots 6, 7) move to slots 0, 1 across `data` shards,
-    and their tokens equal the unsharded engine's."""
+def test_data_sharded_decode_runs_every_slot_and_moves_rows_across_shards(tiny_model, reference, monkeypatch):
+    """With slots split over `data`, every decode call runs all slots (a narrower one would reslice the
+    sharded cache), so aborting the six requests in slots 0-5 moves nothing and the two others (slots 6, 7)
+    give the unsharded engine's tokens. The row move itself still copies a slot across shards exactly."""
     prompts = [[11 * i + 3] * (i + 2) for i in range(8)]
     aborted = SamplingParams(max_new_tokens=40, temperature=0.0)
     tail = [SamplingParams(max_new_tokens=12, temperature=0.0),
             SamplingParams(max_new_tokens=12, temperature=0.9, seed=5)]
     expected = [c.token_ids for c in reference[0].generate(prompts[6:], tail)]
     engine = Engine.from_pretrained(tiny_model, mesh=mesh_of(2, 4), **ENGINE_OPTS)
+    assert engine.scheduler.config.decode_slot_counts == (ENGINE_OPTS["max_slots"],)
     moves, real_move = [], engine.runner.move
     monkeypatch.setattr(engine.runner, "move", lambda m: (moves.append(list(m)), real_move(m)))
     reqs = run_aborting(engine, prompts, [aborted] * 6 + tail, aborted=range(6))
     assert [r.output_token_ids for r in reqs[6:]] == expected
-    assert moves == [[(6, 0), (7, 1)]]
+    assert moves == []
+    real_move([(7, 1)])  # slot 7 (data shard 1) -> slot 1 (data shard 0)
+    cache = engine.runner.state.cache
+    assert int(cache.lengths[1]) == int(cache.lengths[7]) > 0
+    for blocks in (cache.k[0][0], cache.v[1][0]):
+        np.testing.assert_array_equal(np.asarray(blocks[0][1]), np.asarray(blocks[0][7]))
