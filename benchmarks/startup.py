@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import environment  # noqa: E402
+from benchmarks.throughput import environment  # noqa: E402
 from benchmarks.random_checkpoint import write_random_checkpoint  # noqa: E402
 
 

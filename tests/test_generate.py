@@ -309,3 +309,19 @@ def test_compaction_moves_a_live_request_without_changing_it(engine, monkeypatch
     reqs = run_aborting(engine, PROMPTS[:3] + [prompt], [long] * 3 + [GREEDY], aborted=(0, 1, 2))
     assert moves == [[(3, 0)]]
     assert reqs[3].output_token_ids == alone
+
+
+def test_free_slots_decode_with_neutral_parameters(engine):
+    """After sampled, penalised, logprobs requests finish, a greedy-only batch sees neutral parameters in
+    every slot (the decode skip tests read every row of the width, live or not), so it takes the fast paths."""
+    dirty = SamplingParams(temperature=0.9, top_k=5, repetition_penalty=1.3, presence_penalty=0.5, logprobs=2,
+                           seed=1, max_new_tokens=3)
+    engine.generate(PROMPTS[:3], dirty)
+    alone = engine.generate(PROMPTS[0], GREEDY)[0].token_ids
+    # A decode call over every slot, all free (reach 0): each row it runs gets neutral parameters.
+    engine.runner.decode(engine.scheduler.config.decode_windows[0], engine.engine_config.max_slots, [0] * 4)
+    params = engine.runner.state.params
+    assert np.all(np.asarray(params.temperature) == 0) and np.all(np.asarray(params.top_k) == 0)
+    assert np.all(np.asarray(params.repetition_penalty) == 1) and np.all(np.asarray(params.presence_penalty) == 0)
+    assert not np.asarray(engine.runner.state.wants_logprobs).any()
+    assert alone == engine.generate(PROMPTS[0], GREEDY)[0].token_ids
