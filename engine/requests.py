@@ -70,10 +70,10 @@ class RequestFactory:
         if len(ids) > limit:  # before looking at each id: a huge list is refused at the cost of len()
             raise ValueError(f"{field}: the prompt has {len(ids)} tokens; at most {limit} fit "
                              f"(context {self.max_seq_len} positions, one kept for a new token)")
-        bad = next((t for t in ids if not isinstance(t, (int, np.integer)) or isinstance(t, bool)
-                    or not 0 <= t < self.cfg.vocab_size), None)
+        bad = next((i for i, t in enumerate(ids) if not isinstance(t, (int, np.integer)) or isinstance(t, bool)
+                    or not 0 <= t < self.cfg.vocab_size), None)  # an index: the bad value may be None itself
         if bad is not None:
-            raise ValueError(f"{field}: token id {_short(bad)} is out of range; expected ints in "
+            raise ValueError(f"{field}: token id {_short(ids[bad])} is out of range; expected ints in "
                              f"[0, {self.cfg.vocab_size})")
         return [int(t) for t in ids]
 

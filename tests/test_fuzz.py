@@ -158,3 +158,8 @@ def test_batch_lines_give_a_job_or_an_error_naming_the_field(factory, raw, line_
         assert key_of_output(json.loads(json.dumps(native_error(line, "x")))) == line.key
     if not line.explicit:
         assert line.key == f"line:{line_no}"
+
+
+def test_a_null_token_id_is_an_error_naming_the_field(tiny_engine):
+    with pytest.raises(ValueError, match="prompt_token_ids: token id None"):
+        tiny_engine.requests.make([None], SamplingParams())
