@@ -49,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sweep-batch", default=None, help="comma list of batch sizes: W1 shape at each size")
     p.add_argument("--plot", default="benchmarks/sweep.png", help="PNG written by --sweep-batch")
     p.add_argument("--json-out", default=None, help="also write the final JSON line to this file")
+    p.add_argument("--after-dirty", action="store_true",
+                   help="then run a sampled + penalised + logprobs batch and W1 again (free slots must not slow it)")
     return p.parse_args(argv)
 
 
@@ -80,6 +82,17 @@ def run_workload(args, wl: Workload, engine) -> dict:
         hf = hf_baseline.run(engine.config, wl, args.dtype, args.hf_batch if mixed else wl.count)
         row.update(hf_tok_s=hf["tok_s"], hf_wall_s=hf["wall_s"], ratio=eng["tok_s"] / hf["tok_s"])
     return row
+
+
+def after_dirty(args, engine) -> dict:
+    """W1 right after a batch that used every sampling, penalty and logprobs pass in every slot."""
+    from engine import SamplingParams
+
+    w1 = dataclasses.replace(WORKLOADS["W1"](), name="W1 after dirty")
+    dirty = SamplingParams(temperature=0.9, top_k=50, top_p=0.9, repetition_penalty=1.2, presence_penalty=0.5,
+                           frequency_penalty=0.5, logprobs=5, seed=0, max_new_tokens=8)
+    engine.generate(list(w1.prompts()), dirty)
+    return run_workload(args, w1, engine)
 
 
 def print_table(rows: list[dict], out=sys.stdout) -> None:
@@ -151,8 +164,10 @@ def main(argv=None) -> None:
     if args.sweep_batch:
         result["sweep"] = sweep(args, engine, [int(b) for b in args.sweep_batch.split(",")])
     rows = [run_workload(args, wl, engine) for wl in workloads]
+    if args.after_dirty:
+        rows.append(after_dirty(args, engine))
     gflops = matmul_gflops()
-    for r, wl in zip(rows, workloads):
+    for r, wl in zip(rows, workloads + [WORKLOADS["W1"]()] * args.after_dirty):
         # Every FLOP the job needs (prompt forward + each output token's forward), over the wall time.
         r["engine_gflop_s"] = workload_flops(engine.config, wl) / r["engine_wall_s"] / 1e9
         r["roof_fraction"] = r["engine_gflop_s"] / gflops
