@@ -6,16 +6,12 @@ generations identical). The tasks' data files are written by the test; nothing i
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 
 import pytest
 
 from engine.tokenizer import Tokenizer
 from tests.checkpoints import make_tiny_checkpoint
-from tests.test_serve import ROOT, _healthy, free_port
+from tests.test_serve import running_server
 
 httpx = pytest.importorskip("httpx")
 
@@ -32,24 +28,8 @@ GEN = [{"prompt": "Once upon a time", "target": " there"}, {"prompt": "Hello, my
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     folder = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), seed=3)
-    port, log = free_port(), open(tmp_path_factory.mktemp("log") / "server.log", "w+")
-    cmd = [sys.executable, "-m", "launch.serve", "--model", str(folder), "--port", str(port), *FLAGS]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
-    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 240
-    try:
-        while not _healthy(url):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                pytest.fail(f"server did not come up (exit {proc.poll()}):\n{log.read()[-3000:]}")
-            time.sleep(0.25)
+    with running_server(folder, FLAGS, tmp_path_factory.mktemp("log") / "server.log") as (url, log):
         yield url, folder, log
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def _tasks(folder) -> None:

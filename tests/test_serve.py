@@ -3,6 +3,7 @@ driven over HTTP (httpx and the official `openai` client) with a tiny random GPT
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -60,11 +61,12 @@ def wait_until(predicate, timeout_s: float = 30) -> None:
         time.sleep(0.05)
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    folder = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
-    port, log = free_port(), open(tmp_path_factory.mktemp("log") / "server.log", "w+")
-    cmd = [sys.executable, "-m", "launch.serve", "--model", str(folder), "--port", str(port), *SERVER_FLAGS]
+@contextlib.contextmanager
+def running_server(folder, flags, log_path):
+    """`python -m launch.serve --model folder *flags` on a free loopback port until /health answers; yields
+    (url, log file); terminates the server after."""
+    port, log = free_port(), open(log_path, "w+")
+    cmd = [sys.executable, "-m", "launch.serve", "--model", str(folder), "--port", str(port), *flags]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
     url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 240
     try:
@@ -73,7 +75,7 @@ def served(tmp_path_factory):
                 log.seek(0)
                 pytest.fail(f"server did not come up (exit {proc.poll()}):\n{log.read()[-3000:]}")
             time.sleep(0.25)
-        yield Served(url, str(folder))
+        yield url, log
     finally:
         proc.terminate()
         try:
@@ -81,6 +83,13 @@ def served(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    folder = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+    with running_server(folder, SERVER_FLAGS, tmp_path_factory.mktemp("log") / "server.log") as (url, _):
+        yield Served(url, str(folder))
 
 
 def _healthy(url: str) -> bool:
