@@ -123,7 +123,7 @@ class EngineConfig:
     max_seq_len: int = 1024
     decode_steps: int = 8
     prefill_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024)
-    prefill_token_budget: int = 1024  # tokens per prefill call: bounds how many prompts one call packs
+    prefill_token_budget: int = 1024  # tokens per prefill call (per data shard): bounds how many prompts it packs
     dtype: str = "float32"
     mesh: str | None = None
     seed: int | None = None  # engine-level seed for requests without their own
@@ -146,20 +146,21 @@ class EngineConfig:
         kept = [b for b in self.prefill_buckets if b < limit]
         return tuple(kept + [limit])
 
-    def prefill_batch_sizes(self, bucket: int) -> tuple[int, ...]:
-        """Row counts compiled for one bucket: 1, 4, 16, ... up to what the token budget and slots allow."""
-        cap = max(1, min(self.max_slots, self.prefill_token_budget // bucket))
+    def prefill_batch_sizes(self, bucket: int, data: int = 1) -> tuple[int, ...]:
+        """Row counts compiled for one bucket: 1, 4, 16, ... up to what the token budget and slots allow,
+        per `data` shard (each shard prefills rows of its own slots' prompts: a call has data x these)."""
+        cap = max(1, min(self.max_slots // data, self.prefill_token_budget // bucket))
         sizes, size = [], 1
         while size < cap:
             sizes.append(size)
             size *= 4
-        return tuple(sizes + [cap])
+        return tuple(data * n for n in sizes + [cap])
 
-    def prefill_prompts(self, bucket: int, rows: int) -> int:
+    def prefill_prompts(self, bucket: int, rows: int, data: int = 1) -> int:
         """Prompts one prefill call of `rows` x `bucket` tokens may pack (it samples a first token for each):
-        one per 2 x smallest-bucket tokens, at least one per row, at most max_slots."""
-        granule = 2 * self.prefill_buckets[0]
-        return min(self.max_slots, max(rows, rows * bucket // granule))
+        one per 2 x smallest-bucket tokens, at least one per row, at most the slots; per `data` shard."""
+        granule, rows = 2 * self.prefill_buckets[0], rows // data
+        return data * min(self.max_slots // data, max(rows, rows * bucket // granule))
 
     def decode_windows(self, block: int) -> tuple[int, ...]:
         """Attention windows compiled for decode (the KV cache is read in whole blocks): block x 2^i below

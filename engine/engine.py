@@ -88,15 +88,16 @@ class Engine:
         return cls(cfg, graphdef, params, ecfg, tok, mesh=jmesh)
 
     def _scheduler_config(self) -> SchedulerConfig:
-        ecfg = self.engine_config
+        ecfg, data = self.engine_config, self.mesh.shape["data"]
         buckets = ecfg.resolved_buckets()  # ecfg.max_seq_len is already clipped to the checkpoint's positions
         return SchedulerConfig(
             max_slots=ecfg.max_slots, max_seq_len=self.max_seq_len, decode_steps=ecfg.decode_steps,
-            prefill_buckets=buckets, prefill_batch_sizes={b: ecfg.prefill_batch_sizes(b) for b in buckets},
-            prefill_prompts={b: tuple(ecfg.prefill_prompts(b, n) for n in ecfg.prefill_batch_sizes(b)) for b in buckets},
+            prefill_buckets=buckets, prefill_batch_sizes={b: ecfg.prefill_batch_sizes(b, data) for b in buckets},
+            prefill_prompts={b: tuple(ecfg.prefill_prompts(b, n, data) for n in ecfg.prefill_batch_sizes(b, data))
+                             for b in buckets}, prefill_shards=data,
             prefill_attention_cost=1 / (6 * self.config.n_embd),
             decode_windows=ecfg.decode_windows(block_size(self.max_seq_len)),
-            decode_slot_counts=ecfg.decode_widths(self.mesh.shape["data"], ecfg.max_slots // self.runner.groups),
+            decode_slot_counts=ecfg.decode_widths(data, ecfg.max_slots // self.runner.groups),
             eos_token_id=self.config.eos_token_id)
 
     def warmup(self, score: bool = False) -> dict[str, float]:

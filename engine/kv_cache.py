@@ -130,15 +130,16 @@ class KVCache:
 
     def _scatter(self, blocks: tuple[jax.Array, ...], count: int, slots, positions, x: jax.Array) -> tuple[jax.Array, ...]:
         """Writes into the first `count` blocks of one group; the others are returned as they are."""
-        size, heads = self.block, x.shape[1]
-        slot_idx = jnp.broadcast_to(slots, positions.shape)[:, :, None]  # [B, T, 1]
-        head_idx = jnp.arange(heads)[None, None, :]
+        size = self.block
+        slot_idx = jnp.broadcast_to(slots, positions.shape)  # [B, T]
         rows = x.transpose(0, 2, 1, 3).astype(blocks[0].dtype)  # [B, T, H, K]
         out = list(blocks)
         for b in range(count):
             local = positions - b * size
-            local = jnp.where((local >= 0) & (local < size), local, size)[:, :, None]  # elsewhere: dropped
-            out[b] = blocks[b].at[slot_idx, head_idx, local].set(rows, mode="drop")
+            local = jnp.where((local >= 0) & (local < size), local, size)  # elsewhere: dropped
+            # Heads are a whole (window) dimension of the update, not indexed: with heads split over
+            # `model` each device writes its own heads, no K/V gathered across devices.
+            out[b] = blocks[b].at[slot_idx, :, local].set(rows, mode="drop")
         return tuple(out)
 
     def window(self, layer: int, size: int) -> tuple[Groups, Groups]:

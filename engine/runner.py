@@ -7,14 +7,18 @@ Programs (a fixed set, all compiled by `warmup`):
   decode(window W, width N): k steps (`lax.scan`) of slots [0, N), sampling on device, attending to cache
       positions [0, W) (whole KV blocks; each slot group only to the blocks its live slots reach, a
       per-call input); slot groups past N are left out and put back untouched;
-  move(src group, dst group): copies every per-slot row (KV cache included) from one slot to another,
-      for the scheduler's compaction of live requests into low slots (so N follows the number of live
-      requests); one program per pair of the cache's slot groups.
+  move: copies every per-slot row (KV cache included) from one slot to another, for the scheduler's
+      compaction of live requests into low slots (so N follows the number of live requests); one program
+      for every pair of slots (the slot indices are inputs).
   score-prefill(bucket T, rows B): the same prefill, also scoring every packed prompt token (the logits of
       all B*T tokens, log-softmaxed, gathered at each token's next token in its prompt, plus the top-N:
       `engine.scoring`). A separate program, used only for calls holding a `prompt_logprobs` request (the
       [B*T, V] logits cost far more than the P sampled rows) and compiled on its first such call: `warmup`
       compiles it only when asked (`score=True`), so the no-recompile guarantee covers scoring only then.
+With the slots split over `data` (D > 1), prefill and decode run per data shard (`per_shard` over `data`
+only; `model` stays automatic): a prefill call's rows and prompts are D equal parts, part d holding only
+prompts of shard d's slots, so each device group prefills only what it caches and writes its K/V locally;
+decode always runs every slot, each shard its own. Only the sampled ids (and logprobs) cross `data`.
 Insert is fused into prefill: a separate insert program would materialise every prompt's K/V once more.
 `DecodeState` is donated to every program, so the cache is updated in place and never copied. Sampling
 parameters are per-slot arrays inside it: new values never recompile. The host gets back one small int
@@ -30,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from engine.config import EngineConfig, GPT2Config
 from engine.kv_cache import CACHE_AXES, KVCache, slot_groups
@@ -37,7 +42,11 @@ from engine.processors import process_logits, sample, top_logprobs, uses_penalti
 from engine.programs import Program, compile_all
 from engine.sampling import MAX_LOGPROBS, SamplingParams, SlotParams, slot_params
 from engine.scoring import Scored, score_packed
-from engine.sharding import make_mesh, named_sharding, partition_spec, per_shard, replicated, tree_shardings
+from engine.sharding import make_mesh, named_sharding, per_shard, replicated, tree_shardings
+
+# shard_map specs of the per-`data`-shard programs: dim 0 split over `data` (slots, rows, prompts), or whole.
+_DATA, _WHOLE, _DATA_DIM1 = PartitionSpec("data"), PartitionSpec(), PartitionSpec(None, "data")
+_DATA_AXIS = frozenset({"data"})
 
 
 @jax.tree_util.register_dataclass
@@ -154,29 +163,38 @@ class Runner:
         state = jax.jit(rest, out_shardings=dataclasses.replace(shardings, cache=None))()
         return dataclasses.replace(state, cache=cache)
 
-    def _full_vocab(self, logits: jax.Array, rows_axis: str) -> jax.Array:
-        """Sampling sorts, top-k's and argmaxes whole rows: gather the vocab-sharded logits (exact)."""
+    def _full_vocab(self, logits: jax.Array, rows_axis: str, manual: bool = False) -> jax.Array:
+        """Sampling sorts, top-k's and argmaxes whole rows: gather the vocab-sharded logits (exact).
+        `manual`: inside a per-`data`-shard function, where a spec names only the automatic axes."""
+        if manual:
+            return jax.lax.with_sharding_constraint(logits, PartitionSpec(None, None))
         return jax.lax.with_sharding_constraint(logits, named_sharding(self.mesh, (rows_axis, "sampled_vocab")))
-
-    def _sample_slots(self, *slot_arrays) -> Sampled:
-        """Decode sampling per `data` shard: rows are independent, so each device group samples its own
-        slots with no collective (XLA would otherwise all-gather [S, V] rows for top_k)."""
-        if self.mesh.shape["data"] == 1:
-            return _sample_step(*slot_arrays)
-        rows = partition_spec(("slots",))  # a prefix: dim 0 on `data`, the rest whole
-        return per_shard(_sample_step, self.mesh, (rows,) * len(slot_arrays), rows)(*slot_arrays)
 
     def _model(self, params: nnx.State):
         return nnx.merge(self.graphdef, params)
 
     def _prefill_impl(self, params, state: DecodeState, rows: PrefillRows, score: bool = False):
+        """One prefill call; with slots over `data`, run per data shard on its own rows, prompts and slots
+        (`engine.prefill_packing` packs each shard's part with its own slots' prompts), so each device
+        prefills only what it caches and writes its K/V locally."""
         self.trace_count += 1
-        p, v, s = rows.slots.shape[0], self.cfg.padded_vocab_size, self.ecfg.max_slots
+        if self.mesh.shape["data"] == 1:
+            return self._prefill_rows(params, state, rows, score)
+        shard = functools.partial(self._prefill_rows, score=score, manual=True)
+        return per_shard(shard, self.mesh, (_WHOLE, _DATA, _DATA), _DATA, _DATA_AXIS)(params, state, rows)
+
+    def _prefill_rows(self, params, state: DecodeState, rows: PrefillRows, score: bool = False,
+                      manual: bool = False):
+        p, v, s = rows.slots.shape[0], self.cfg.padded_vocab_size, state.tokens.shape[0]
+        slots = rows.slots
+        if manual:  # this shard's slots are [d * s, (d + 1) * s): local indices, any other slot dropped
+            slots = slots - jax.lax.axis_index("data") * s
+            slots = jnp.where((slots >= 0) & (slots < s), slots, s)
         # Each token's K/V goes to its prompt's slot; padding tokens to slot S: dropped.
-        token_slots = jnp.where(rows.segments < p, rows.slots[jnp.minimum(rows.segments, p - 1)], s)
+        token_slots = jnp.where(rows.segments < p, slots[jnp.minimum(rows.segments, p - 1)], s)
         logits, cache = self._model(params)(rows.tokens, rows.positions, state.cache, slots=token_slots,
                                             segments=rows.segments, select=None if score else rows.last)
-        logits = self._full_vocab(logits.reshape(-1, v), "rows")  # scoring: every token's [B*T, V]
+        logits = self._full_vocab(logits.reshape(-1, v), "rows", manual)  # scoring: every token's [B*T, V]
         scored = score_packed(logits, rows.tokens, rows.segments, p) if score else None
         logits = logits[rows.last] if score else logits
         # The prompt's tokens count as seen (repetition penalty); padding tokens are segment P: dropped.
@@ -185,7 +203,7 @@ class Runner:
         out = _sample_step(logits, rows.params, seen, counts, rows.keys, jnp.zeros(p, jnp.int32),
                            rows.wants_logprobs)
         seen, counts = _mark(seen, counts, out.tokens)
-        put = functools.partial(_put_rows, rows.slots)
+        put = functools.partial(_put_rows, slots)
         state = DecodeState(
             cache=dataclasses.replace(cache, lengths=put(cache.lengths, rows.lengths)),
             tokens=put(state.tokens, out.tokens), steps=put(state.steps, jnp.ones(p, jnp.int32)),
@@ -196,17 +214,23 @@ class Runner:
         return state, (out if scored is None else (out, scored))
 
     def _decode_impl(self, params, state: DecodeState, window: int, width: int, blocks, live):
-        """k steps of slots [0, width): the others are sliced off first and put back untouched after."""
+        """k steps of slots [0, width): the others are sliced off first and put back untouched after.
+        With slots over `data` (every call runs every slot), each data shard decodes its own slots on its
+        own part of the cache: no K/V, logits or sampling rows cross devices (only the sampled ids)."""
         self.trace_count += 1
+        if self.mesh.shape["data"] > 1:
+            rows = functools.partial(self._decode_rows, window=window, manual=True)
+            return per_shard(rows, self.mesh, (_WHOLE, _DATA, _WHOLE, _DATA), (_DATA, _DATA_DIM1),
+                             _DATA_AXIS)(params, state, blocks, live)
         if width == self.ecfg.max_slots:
-            return self._decode_rows(params, state, window, blocks, live)
+            return self._decode_rows(params, state, blocks, live, window)
         rest = dataclasses.replace(state, cache=None)
         head = dataclasses.replace(jax.tree.map(lambda a: a[:width], rest), cache=state.cache.head(width))
-        head, out = self._decode_rows(params, head, window, blocks, live)
+        head, out = self._decode_rows(params, head, blocks, live, window)
         merged = jax.tree.map(lambda a, h: a.at[:width].set(h), rest, dataclasses.replace(head, cache=None))
         return dataclasses.replace(merged, cache=state.cache.with_head(head.cache)), out
 
-    def _decode_rows(self, params, state: DecodeState, window: int, blocks, live):
+    def _decode_rows(self, params, state: DecodeState, blocks, live, window: int, manual: bool = False):
         model = self._model(params)
         last = self.max_len - 1
         # Free slots (live False) get neutral parameters, so an all-greedy call takes the fast paths
@@ -220,8 +244,8 @@ class Runner:
             positions = jnp.minimum(st.cache.lengths, last)[:, None]
             logits, cache = model(st.tokens[:, None], positions, st.cache, window=window, blocks=blocks,
                                   select=jnp.arange(st.tokens.shape[0]))
-            logits = self._full_vocab(logits, "slots")
-            out = self._sample_slots(logits, st.params, st.seen, st.counts, st.keys, st.steps, st.wants_logprobs)
+            logits = self._full_vocab(logits, "slots", manual)
+            out = _sample_step(logits, st.params, st.seen, st.counts, st.keys, st.steps, st.wants_logprobs)
             # Only penalised rows ever read seen/counts, and a live penalised row keeps this true every
             # step, so skipping the two [S, V] passes otherwise loses nothing.
             seen, counts = jax.lax.cond(jnp.any(uses_penalties(st.params)), _mark, lambda s, c, _: (s, c),
@@ -266,8 +290,9 @@ class Runner:
         (with `score`, its scoring variant too), each (window, width) decode, and the move."""
         out = []
         for bucket in buckets:
-            for size in self.ecfg.prefill_batch_sizes(bucket):
-                rows = dummy_rows(size, bucket, self.ecfg.prefill_prompts(bucket, size), self.ecfg.max_slots)
+            data = self.mesh.shape["data"]
+            for size in self.ecfg.prefill_batch_sizes(bucket, data):
+                rows = dummy_rows(size, bucket, self.ecfg.prefill_prompts(bucket, size, data), self.ecfg.max_slots)
                 for program in (self._prefill, self._score_prefill) if score else (self._prefill,):
                     out.append((program, _prefill_key(rows), (self.params, self.state, rows)))
         for window in windows:

@@ -6,7 +6,8 @@ The runner owns the device; a `PrefillBatch` / `DecodeBatch` dataclass is all th
 
 Invariants:
 - A request is in exactly one place: the FIFO waiting queue, one slot, or finished (then `slot` is None).
-- Admission is FIFO; requests admitted in one round take the lowest free slots, longest first. A slot is
+- Admission is FIFO; requests admitted in one round take the lowest free slots (with `prefill_shards`,
+  round-robin over the shards), longest first. A slot is
   free again the moment its request finishes or is aborted, so the next `schedule_prefills` can refill
   it (continuous batching).
 - A live, prefilled slot holds `prompt_len + len(output_token_ids) - 1` cache positions: the newest
@@ -27,85 +28,11 @@ import dataclasses
 from collections import deque
 from collections.abc import Sequence
 
-from engine.prefill_packing import PrefillBatch, pack_prefills
+from engine.prefill_packing import PrefillBatch, admission_order, pack_prefills
 from engine.sampling import SamplingParams
+from engine.scheduler_config import SchedulerConfig
 
 __all__ = ["DecodeBatch", "PrefillBatch", "Request", "Scheduler", "SchedulerConfig", "Update"]
-
-MAX_POSITIONS = 1024
-
-
-@dataclasses.dataclass(frozen=True)
-class SchedulerConfig:
-    max_slots: int
-    max_seq_len: int
-    decode_steps: int
-    prefill_buckets: tuple[int, ...]
-    prefill_batch_sizes: dict[int, tuple[int, ...]]
-    decode_windows: tuple[int, ...]
-    eos_token_id: int | None = None
-    # Compiled decode widths: a call runs slots [0, n) for the smallest n here above the highest live
-    # slot (empty: always max_slots). Admission fills the lowest free slot, so live slots stay low.
-    decode_slot_counts: tuple[int, ...] = ()
-    # Prompts one prefill call may hold, per bucket, one entry per batch size (the program samples that
-    # many first tokens); prompts are packed several to a row when they fit. Empty: as many as rows.
-    prefill_prompts: dict[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)
-    # Cost of one attention pair relative to one token's weight matmuls (GPT-2: 4 d / (24 d^2) = 1/(6 d)):
-    # weighs a longer packed row (more prompts, quadratic attention) against a shorter one.
-    prefill_attention_cost: float = 0.0
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "prefill_buckets", tuple(self.prefill_buckets))
-        object.__setattr__(self, "decode_windows", tuple(self.decode_windows))
-        counts = tuple(sorted(set(self.decode_slot_counts) | {self.max_slots}))
-        object.__setattr__(self, "decode_slot_counts", counts)
-        sizes = {b: tuple(s) for b, s in dict(self.prefill_batch_sizes).items()}
-        object.__setattr__(self, "prefill_batch_sizes", sizes)
-        prompts = {b: tuple(dict(self.prefill_prompts).get(b, s)) for b, s in sizes.items()}
-        object.__setattr__(self, "prefill_prompts", prompts)
-        for field, problem in _config_problems(self):
-            raise ValueError(f"SchedulerConfig.{field}: {problem}")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _ascending(values: tuple, low: int, high: int) -> bool:
-    """Non-empty, ints in [low, high], strictly increasing."""
-    ints = bool(values) and all(_is_int(v) and low <= v <= high for v in values)
-    return ints and all(a < b for a, b in zip(values, values[1:]))
-
-
-def _config_problems(c: SchedulerConfig) -> list[tuple[str, str]]:
-    """Every (field, what is wrong) pair; empty when the configuration is valid."""
-    out = []
-
-    def check(field: str, ok: bool, expected: str) -> None:
-        if not ok:
-            out.append((field, f"expected {expected}, got {getattr(c, field)!r}"))
-
-    check("max_slots", _is_int(c.max_slots) and c.max_slots >= 1, "an int >= 1")
-    seq_ok = _is_int(c.max_seq_len) and 2 <= c.max_seq_len <= MAX_POSITIONS
-    check("max_seq_len", seq_ok, f"an int in [2, {MAX_POSITIONS}]")
-    check("decode_steps", _is_int(c.decode_steps) and c.decode_steps >= 1, "an int >= 1")
-    if out:
-        return out
-    check("prefill_buckets", _ascending(c.prefill_buckets, 1, c.max_seq_len),
-          f"strictly increasing ints in [1, max_seq_len={c.max_seq_len}]")
-    missing = [b for b in c.prefill_buckets if b not in c.prefill_batch_sizes]
-    check("prefill_batch_sizes", not missing and all(_ascending(s, 1, 2**31) for s in c.prefill_batch_sizes.values()),
-          f"a strictly increasing tuple of ints >= 1 for every bucket (missing buckets: {missing})")
-    caps_ok = all(len(c.prefill_prompts[b]) == len(s) and all(_is_int(p) and p >= n for p, n in zip(c.prefill_prompts[b], s))
-                  for b, s in c.prefill_batch_sizes.items() if b in c.prefill_prompts)
-    check("prefill_prompts", caps_ok, "for each bucket, one int >= its batch size per entry of prefill_batch_sizes")
-    windows_ok = _ascending(c.decode_windows, 1, c.max_seq_len) and c.decode_windows[-1] == c.max_seq_len
-    check("decode_windows", windows_ok, f"strictly increasing ints ending with max_seq_len={c.max_seq_len}")
-    check("decode_slot_counts", _ascending(c.decode_slot_counts, 1, c.max_slots),
-          f"ints in [1, max_slots={c.max_slots}]")
-    check("eos_token_id", c.eos_token_id is None or (_is_int(c.eos_token_id) and c.eos_token_id >= 0),
-          "None or an int >= 0")
-    return out
 
 
 @dataclasses.dataclass(eq=False)
@@ -224,7 +151,8 @@ class Scheduler:
         arrival order), so slots of similar length sit together: the KV cache is read per group of
         neighbouring slots, each group only as far as its longest slot, and short requests finishing
         first leave the live ones in low slots (no compaction moves)."""
-        free = [i for i, r in enumerate(self._slots) if r is None]
+        free = admission_order([i for i, r in enumerate(self._slots) if r is None], self.config.max_slots,
+                               self.config.prefill_shards)
         admitted = [self._waiting.popleft() for _ in range(min(len(free), len(self._waiting)))]
         admitted.sort(key=lambda r: -min(r.prompt_len + r.params.max_new_tokens, self.config.max_seq_len))
         for slot, request in zip(free, admitted):
@@ -238,12 +166,14 @@ class Scheduler:
 
     def on_prefill_tokens(self, batch: PrefillBatch, tokens: Sequence[int],
                           extras: Sequence | None = None) -> list[Update]:
-        """Accept the first sampled token of each prompt; tokens (and extras) are indexed by prompt."""
+        """Accept the first sampled token of each prompt; tokens (and extras) are indexed by prompt: one per
+        entry of `batch.rows`, or the program's whole output (capacity), read at `batch.prompt_indices()`."""
         if len(tokens) not in (len(batch.rows), batch.capacity):
             raise ValueError(f"on_prefill_tokens: got {len(tokens)} tokens for a batch of {len(batch.rows)} "
                              f"prompts (capacity {batch.capacity}); pass one token per prompt")
+        at = batch.prompt_indices() if len(tokens) == batch.capacity else range(len(batch.rows))
         updates = []
-        for row, (slot, request) in enumerate(batch.rows):
+        for row, (slot, request) in zip(at, batch.rows):
             if self._slots[slot] is not request or request.output_token_ids:
                 continue  # aborted in flight (or already reported)
             if request.params.max_new_tokens == 0:  # scoring only: the sampled token is dropped

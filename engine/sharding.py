@@ -36,7 +36,7 @@ RULES: dict[str, str | None] = {
     "head_dim": None,
     "layers": None,
     "positions": None,
-    "rows": None,  # prefill rows: 1, 4, 16, ... prompts, rarely a multiple of the data axis
+    "rows": None,  # prefill rows, within one data shard's part of a call (the runner splits calls per shard)
     "sampled_vocab": None,  # sampling sorts / argmaxes the full vocab of a row: gathered, never split
     "key_data": None,  # the 2 words of a threefry key
 }
@@ -125,13 +125,17 @@ def _build_mesh(shape: tuple[int, int], devices: Sequence[jax.Device]) -> Mesh:
     return Mesh(grid, AXES, axis_types=(axis_type.Auto,) * len(AXES))
 
 
-def per_shard(f, mesh: Mesh, in_specs, out_specs):
-    """`f` run once per shard (shard_map, without replication checks); the version-sensitive entry point."""
+def per_shard(f, mesh: Mesh, in_specs, out_specs, axes: frozenset[str] | None = None):
+    """`f` run once per shard of the mesh axes `axes` (default all; the others stay automatic: specs name
+    only `axes`), without replication checks; the version-sensitive entry point of shard_map."""
+    axes = frozenset(AXES if axes is None else axes)
     if hasattr(jax, "shard_map"):
-        return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+        return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names=set(axes),
+                             check_vma=False)
     from jax.experimental.shard_map import shard_map
 
-    return shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+    return shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False,
+                     auto=frozenset(AXES) - axes)
 
 
 def describe(mesh: Mesh) -> str:

@@ -33,26 +33,31 @@ class EngineFailedError(RuntimeError):
 
 def pack_prefill(batch: PrefillBatch, num_slots: int) -> PrefillRows:
     """Host arrays for a prefill call: each prompt's tokens at its (row, offset), positions counting from 0
-    per prompt; padding tokens carry segment P (the prompt capacity), padding prompts slot S (dropped)."""
+    per prompt; padding tokens carry segment P (the prompt capacity), padding prompts slot S (dropped).
+    With `batch.shards` > 1 each shard's part of the rows and prompts is a call of its own: segments and
+    `last` count from its first prompt and row (the program runs them per shard)."""
     rows, width, cap = batch.size, batch.bucket, batch.capacity
+    local_rows, local_cap = rows // batch.shards, cap // batch.shards
     tokens = np.zeros((rows, width), np.int32)
     positions = np.zeros((rows, width), np.int32)
-    segments = np.full((rows, width), cap, np.int32)
+    segments = np.full((rows, width), local_cap, np.int32)
     lengths, last = np.ones(cap, np.int32), np.zeros(cap, np.int32)
     slots = np.full(cap, num_slots, np.int32)
     keys = np.zeros((cap, 2), np.uint32)
     wants = np.zeros(cap, bool)
-    for i, ((slot, req), (row, start)) in enumerate(zip(batch.rows, batch.placement())):
+    params = [None] * cap
+    for i, (slot, req), (row, start) in zip(batch.prompt_indices(), batch.rows, batch.placement()):
         attach_rows(req)  # a no-op for requests made by RequestFactory: their rows exist since submission
         end = start + req.prompt_len
         tokens[row, start:end] = req.prompt_token_ids
         positions[row, start:end] = np.arange(req.prompt_len)
-        segments[row, start:end] = i
-        lengths[i], last[i], slots[i] = req.prompt_len, row * width + end - 1, slot
+        segments[row, start:end] = i % local_cap
+        lengths[i], last[i], slots[i] = req.prompt_len, (row % local_rows) * width + end - 1, slot
         keys[i] = req.key_data
         wants[i] = req.params.logprobs is not None
-    rows = [r.slot_row for _, r in batch.rows] + [neutral_params(cap - len(batch.rows))]
-    params = SlotParams(*(np.concatenate(column) for column in zip(*rows)))
+        params[i] = req.slot_row
+    neutral = neutral_params(1)
+    params = SlotParams(*(np.concatenate(column) for column in zip(*(p or neutral for p in params))))
     return PrefillRows(tokens, positions, segments, lengths, last, slots, params, keys, wants)
 
 
@@ -128,8 +133,11 @@ class StepRunner:
         else:
             out = self.runner.prefill(rows)
         host = _fetch(out, any(r.params.logprobs is not None for r in reqs))
-        extras = [_extra(r, host, row) for row, r in enumerate(reqs)] if "logprob" in host else None
-        return self.scheduler.on_prefill_tokens(batch, host["tokens"][: len(reqs)].tolist(), extras)
+        by_index = dict(zip(batch.prompt_indices(), reqs))
+        extras = None
+        if "logprob" in host:
+            extras = [_extra(by_index.get(i), host, i) for i in range(batch.capacity)]
+        return self.scheduler.on_prefill_tokens(batch, host["tokens"].tolist(), extras)
 
     def _decode(self, batch: DecodeBatch) -> list[Update]:
         live = {s: self.scheduler.request_at(s) for s in batch.slots}

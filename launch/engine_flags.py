@@ -34,7 +34,7 @@ FLAGS: dict[str, dict] = {
     "max_seq_len": dict(type=int, help="context positions per slot (prompt + output)"),
     "decode_steps": dict(type=int, help="tokens per decode call"),
     "prefill_buckets": dict(type=int_tuple, help="comma-separated padded prompt lengths"),
-    "prefill_token_budget": dict(type=int, help="tokens per prefill call"),
+    "prefill_token_budget": dict(type=int, help="tokens per prefill call and data shard"),
     "mesh": dict(help="device mesh, e.g. data=2,model=4"),
     "seed": dict(type=int, help="engine seed for requests without their own"),
 }

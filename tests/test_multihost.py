@@ -1,6 +1,6 @@
 """Multi-process SPMD: two local processes (4 fake CPU devices each, `jax.distributed` over loopback) run
 `python -m launch.batch` over one global data=2,model=4 mesh and write exactly what one process with 8
-devices writes; only process 0 writes the output. The single process reads the HF safetensors folder, the
+devices writes (short and prefill-heavy lines); only process 0 writes the output. The single process reads the HF safetensors folder, the
 pair its orbax conversion (each process restoring only its own shards): one run covers both loaders."""
 from __future__ import annotations
 
@@ -27,6 +27,10 @@ LINES = [
     {"prompt": "One two three", "max_new_tokens": 4, "temperature": 1.0, "top_k": 20, "seed": 11},
     {"prompt": "Sharding splits", "max_new_tokens": 7, "temperature": 0},
 ]
+# Prefill-heavy: long prompts, two new tokens each; more lines than slots, so calls keep both data shards'
+# prefill rows busy (each process prefills only its own slots' prompts).
+LINES += [{"prompt": f"Line {i}: " + "the data axis splits prefill rows over hosts " * 2, "max_new_tokens": 2,
+           "temperature": 0.7, "seed": i} for i in range(12)]
 FLAGS = ["--max-slots", "8", "--max-seq-len", "32", "--decode-steps", "2", "--prefill-buckets", "16",
          "--mesh", "data=2,model=4", "--log-level", "INFO"]
 TIMEOUT = 400

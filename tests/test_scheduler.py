@@ -189,6 +189,40 @@ def test_prefill_prompts_must_cover_the_batch_sizes():
         make_config(prefill_prompts={4: (2, 4)})
 
 
+def test_sharded_prefill_packs_each_shards_prompts_into_its_own_rows_and_prompt_indices():
+    """With the slots over 2 data shards (slots 0-3 | 4-7), a round's prompts spread round-robin over the
+    shards, and each call's rows and prompt indices split in halves, half d holding only shard d's slots."""
+    ecfg = EngineConfig(max_slots=8, prefill_buckets=(4, 8), prefill_token_budget=16)
+    config = make_config(max_slots=8, prefill_buckets=(4, 8), prefill_shards=2,
+                         prefill_batch_sizes={b: ecfg.prefill_batch_sizes(b, 2) for b in (4, 8)},
+                         prefill_prompts={b: tuple(ecfg.prefill_prompts(b, n, 2) for n in ecfg.prefill_batch_sizes(b, 2))
+                                          for b in (4, 8)})
+    assert config.prefill_batch_sizes == {4: (2, 8), 8: (2, 4)}
+    sched = Scheduler(config)
+    for i, n in enumerate([8, 7, 3, 2, 2]):
+        sched.add(make_request(f"r{i}", prompt_len=n))
+    batches = sched.schedule_prefills()
+    assert sorted(r.slot for _, r in (row for b in batches for row in b.rows)) == [0, 1, 2, 4, 5]
+    for b in batches:
+        half_rows, half_cap = b.size // 2, b.capacity // 2
+        for (slot, req), (row, offset), index in zip(b.rows, b.placement(), b.prompt_indices()):
+            shard = slot // 4
+            assert row // half_rows == shard and index // half_cap == shard and offset + req.prompt_len <= b.bucket
+    tokens = [[100 + i for i in range(b.capacity)] for b in batches]
+    updates = [u for b, t in zip(batches, tokens) for u in sched.on_prefill_tokens(b, t)]
+    expected = {r.request_id: [100 + i] for b in batches for (_, r), i in zip(b.rows, b.prompt_indices())}
+    assert {u.request.request_id: u.new_token_ids for u in updates} == expected
+
+
+def test_admission_takes_free_slots_round_robin_over_shards():
+    from engine.prefill_packing import admission_order
+    assert admission_order([0, 1, 2, 3, 4, 5, 6, 7], 8, 1) == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert admission_order([0, 1, 2, 3, 4, 5, 6, 7], 8, 2) == [0, 4, 1, 5, 2, 6, 3, 7]
+    assert admission_order([3, 5, 6, 7], 8, 2) == [5, 3, 6, 7]  # the emptier shard first
+    with pytest.raises(ValueError, match="prefill_shards"):
+        make_config(prefill_shards=3)
+
+
 def test_split_prefers_the_smallest_size_that_holds_the_rest():
     sched = Scheduler(make_config(max_slots=8, prefill_batch_sizes={4: (2, 3, 8), 8: (1,), 16: (1,)}))
     for i in range(7):
@@ -492,9 +526,12 @@ def test_scheduler_imports_only_the_standard_library_and_sampling():
     """The scheduler and its prefill packing stay plain Python (no JAX, no NumPy, no model)."""
     import engine.prefill_packing
     import engine.scheduler
+    import engine.scheduler_config
     assert _imports(engine.scheduler) <= {"__future__", "bisect", "dataclasses", "collections", "collections.abc",
-                                          "engine.sampling", "engine.prefill_packing"}
+                                          "engine.sampling", "engine.prefill_packing",
+                                          "engine.scheduler_config"}
     assert _imports(engine.prefill_packing) <= {"__future__", "bisect", "dataclasses", "typing", "engine.scheduler"}
+    assert _imports(engine.scheduler_config) <= {"__future__", "dataclasses"}
 
 
 def test_decode_width_is_the_smallest_slot_count_above_the_highest_live_slot():

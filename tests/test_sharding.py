@@ -5,6 +5,7 @@ below is valid; each mesh compiles its own programs, so generation is kept to on
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import jax
@@ -16,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 from engine import Engine, SamplingParams
 from engine.config import GPT2Config, preset
 from engine.model import param_axes
+from engine.sampling import MAX_LOGPROBS
 from engine.sharding import RULES, check_mesh, make_mesh, parse_mesh, partition_spec
 from tests.checkpoints import make_tiny_checkpoint, run_aborting
 
@@ -167,8 +169,8 @@ def test_sharded_engine_matches_unsharded(tiny_model, reference, data, model):
 
 def test_data_sharded_decode_runs_every_slot_and_moves_rows_across_shards(tiny_model, reference, monkeypatch):
     """With slots split over `data`, every decode call runs all slots (a narrower one would reslice the
-    sharded cache), so aborting the six requests in slots 0-5 moves nothing and the two others (slots 6, 7)
-    give the unsharded engine's tokens. The row move itself still copies a slot across shards exactly."""
+    sharded cache), so aborting six of the eight requests moves nothing and the two others give the
+    unsharded engine's tokens. The row move itself still copies a slot across shards exactly."""
     prompts = [[11 * i + 3] * (i + 2) for i in range(8)]
     aborted = SamplingParams(max_new_tokens=40, temperature=0.0)
     tail = [SamplingParams(max_new_tokens=12, temperature=0.0),
@@ -186,3 +188,36 @@ def test_data_sharded_decode_runs_every_slot_and_moves_rows_across_shards(tiny_m
     assert int(cache.lengths[1]) == int(cache.lengths[7]) > 0
     for blocks in (cache.k[0][0], cache.v[1][0]):
         np.testing.assert_array_equal(np.asarray(blocks[0][1]), np.asarray(blocks[0][7]))
+
+
+def _collective_shapes(compiled) -> list[tuple[int, ...]]:
+    """Result shapes of every cross-device op in a compiled program's HLO."""
+    ops = re.findall(r"= \w+\[([\d,]*)\]\S* (?:all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)"
+                     r"(?:-start)?\(", compiled.as_text())
+    return [tuple(int(d) for d in dims.split(",") if d) for dims in ops]
+
+
+def _flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+
+def test_data_axis_splits_prefill_and_decode_work_with_no_kv_across_devices(tiny_model):
+    """On data=8 each device prefills only its own slots' rows: a call of 8 rows costs each device about
+    1/8 of what it costs one device (cost_analysis FLOPs are per device), and neither prefill nor decode
+    moves K/V, logits or activations between devices: the only collectives gather the sampled ids and
+    logprobs [P], [P, N] (prefill) and [k, S], [k, S, N] (decode)."""
+    opts = dict(ENGINE_OPTS, prefill_token_budget=8 * 16)
+    one = Engine.from_pretrained(tiny_model, **opts)
+    eight = Engine.from_pretrained(tiny_model, mesh=mesh_of(8, 1), **opts)
+    for engine in (one, eight):
+        engine.warmup()
+    key = (8, 16, 8)  # 8 rows of 16 tokens, 8 prompts
+    assert key in one.runner._prefill and key in eight.runner._prefill
+    ratio = _flops(one.runner._prefill._compiled[key]) / _flops(eight.runner._prefill._compiled[key])
+    assert 7 <= ratio <= 8.5, ratio
+    slots, steps, top = opts["max_slots"], opts["decode_steps"], MAX_LOGPROBS
+    prefill = _collective_shapes(eight.runner._prefill._compiled[key])
+    assert prefill and set(prefill) <= {(8,), (8, top)}, prefill
+    (decode,) = eight.runner._decode._compiled.values()
+    assert set(_collective_shapes(decode)) <= {(steps, slots), (steps, slots, top)}, _collective_shapes(decode)
