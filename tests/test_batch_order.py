@@ -1,10 +1,13 @@
-"""Batch admission bounded by unfinished work: `InOrderWriter` alone (no model), then `BatchJob` on the tiny
-engine (a long line at the head must not stop admission; spilling changes no output)."""
+"""Batch admission bounded by unfinished work: `InOrderWriter` alone (no model), `BatchJob` on the tiny engine
+(a long line at the head must not stop admission; spilling changes no output), and `launch.batch` killed
+while finished lines sit in its spill file (--resume answers each line once, in order)."""
 from __future__ import annotations
 
 import json
 import os
 import random
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,7 @@ from engine.sampling import SamplingParams
 from launch.batch_io import OutputWriter, encode_line
 from launch.batch_job import BatchJob, JobOptions
 from launch.batch_order import InOrderWriter
+from tests.test_batch_cli import ENGINE_FLAGS, REPO, command, complete_lines, greedy, read_jsonl, run_batch, write_jsonl
 
 
 def line(i: int, size: int = 0) -> bytes:
@@ -144,3 +148,27 @@ def test_spilling_changes_no_output_and_resume_answers_the_rest_once(tiny_engine
     partial.write_bytes(b"".join(encode_line(o) for o in kept[:5]))
     stats, resumed = run_job(tiny_engine, partial, lines, max_in_flight=3, budget=0, resume=True)
     assert resumed == kept and stats.skipped == 5
+
+
+def test_resume_after_kill_9_while_lines_are_spilled(tmp_path, batch_model, batch_env):
+    lines = [greedy("a", "First", 2), greedy("head", "A long one", 100, ignore_eos=True), "not json",
+             {"id": "n2", "prompt": "Two samples", "n": 2, "max_tokens": 3, "seed": 5},
+             *(greedy(f"s{i}", f"Short {i}", 3) for i in range(24))]
+    path = write_jsonl(tmp_path / "jobs.jsonl", lines)
+    reference = run_batch(batch_env, path, "--model", batch_model, *ENGINE_FLAGS, "--output", "-")
+    assert reference.returncode == 0, reference.stderr
+    victim = subprocess.Popen(command(path, "--model", batch_model, *ENGINE_FLAGS, "--max-buffered-bytes", "0"),
+                              cwd=REPO, env=batch_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for message in victim.stderr:  # the first spilled line is logged: kill the job right then
+        if "spilling" in message:
+            victim.send_signal(signal.SIGKILL)
+            break
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL, "the run ended before it spilled"
+    out = tmp_path / "jobs.out.jsonl"
+    written = complete_lines(out)
+    assert written < len(lines) and sorted(os.listdir(tmp_path)) == ["jobs.jsonl", "jobs.out.jsonl"]
+    resumed = run_batch(batch_env, path, "--model", batch_model, *ENGINE_FLAGS, "--resume", "--max-buffered-bytes", "0")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{len(lines) - written - 1} ok, 1 failed, {written} skipped" in resumed.stderr
+    assert read_jsonl(out) == [json.loads(x) for x in reference.stdout.splitlines()]  # once each, in order
