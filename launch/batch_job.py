@@ -15,6 +15,8 @@ Invariants:
   on --resume and to reject a repeated id); outputs leave memory once written or spilled.
 - A bad line becomes an error result, and so does a line whose request failed while running (its error
   says so; the engine serves the other lines on); only an engine that cannot run at all propagates.
+- Admission depends only on the input and the engine's state, never on what waits to be written, so every
+  process of a multi-process job (only process 0 writes) admits the same lines at the same steps.
 - Counts (`Stats`, the progress bar) move when a line is answered, written or still waiting its turn.
 """
 from __future__ import annotations
