@@ -6,8 +6,8 @@ warmed-up engine (compile time excluded) `launch.batch`'s loop (`BatchJob`, outp
 runs the whole file, the long line alone and the short lines alone; the figure is
 whole / max(long alone, shorts alone), which should be <= 1.3. `--blocking` also runs the whole file
 under the admission rule before issue 12 (lines that finished but wait for an earlier one count against
---max-in-flight), for comparison. "busy slots" is the mean over engine steps of the requests the engine
-holds when a step starts, capped at max-slots. Prints a table, then one JSON line last.
+--max-in-flight), for comparison. "busy slots" is the mean over engine steps of the slots filled as each
+step begins (`Stats.busy_slots`). Prints a table, then one JSON line last.
 
   python benchmarks/head_of_line.py --blocking                          # the issue's sizes
   python benchmarks/head_of_line.py --long-tokens 240 --short-lines 255   # a quarter of the work
@@ -60,20 +60,6 @@ class BlockingJob(BatchJob):
         self._requests = value - self.ordered.waiting
 
 
-class Watched:
-    """The engine, recording how many requests it holds when each step starts."""
-
-    def __init__(self, engine) -> None:
-        self.engine, self.held = engine, []
-
-    def __getattr__(self, name: str):
-        return getattr(self.engine, name)
-
-    def step(self):
-        self.held.append(self.engine.scheduler.num_waiting + self.engine.scheduler.num_live)
-        return self.engine.step()
-
-
 def job_lines(args, long: bool, short: bool) -> list[tuple[int, bytes]]:
     rng = np.random.default_rng(0)
     wanted = ([("long", args.long_tokens)] if long else []) + \
@@ -87,18 +73,15 @@ def job_lines(args, long: bool, short: bool) -> list[tuple[int, bytes]]:
 
 
 def run_job(engine, lines, options: JobOptions, folder: str, job_class=BatchJob) -> dict:
-    watched = Watched(engine)
     writer = OutputWriter(os.path.join(folder, "out.jsonl"), resume=False, overwrite=True)
     start = time.perf_counter()
     try:
-        stats = job_class(watched, writer, options).run(lines)
+        stats = job_class(engine, writer, options).run(lines)
     finally:
         writer.close()
     wall = time.perf_counter() - start
-    slots = engine.engine_config.max_slots
     return {"lines": len(lines), "tokens": stats.generated_tokens, "wall_s": wall,
-            "tok_s": stats.generated_tokens / wall, "steps": len(watched.held),
-            "busy_slots": float(np.mean([min(h, slots) for h in watched.held])),
+            "tok_s": stats.generated_tokens / wall, "steps": stats.steps, "busy_slots": stats.busy_slots,
             "peak_waiting": stats.order.peak_waiting, "spilled": stats.order.spilled_lines}
 
 

@@ -52,8 +52,15 @@ class Stats:
     skipped: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0
+    steps: int = 0  # engine steps run
+    slot_steps: int = 0  # sum over steps of the slots filled as each began
     order: OrderStats = dataclasses.field(default_factory=OrderStats)
     started: float = dataclasses.field(default_factory=time.perf_counter)
+
+    @property
+    def busy_slots(self) -> float:
+        """Mean slots filled per engine step (each step first fills free slots from the queue)."""
+        return self.slot_steps / max(self.steps, 1)
 
     @property
     def elapsed(self) -> float:
@@ -63,7 +70,8 @@ class Stats:
         s = self.elapsed
         return (f"lines: {self.ok} ok, {self.failed} failed, {self.skipped} skipped (already answered) | "
                 f"tokens: {self.prompt_tokens} prompt, {self.generated_tokens} generated | wall {s:.1f} s | "
-                f"{self.generated_tokens / s:.1f} generated tokens/s, {(self.ok + self.failed) / s:.2f} lines/s | "
+                f"{self.generated_tokens / s:.1f} generated tokens/s, {(self.ok + self.failed) / s:.2f} lines/s, "
+                f"{self.busy_slots:.1f} busy slots per step | "
                 f"waiting for an earlier line: at most {self.order.peak_waiting} lines, "
                 f"{self.order.spilled_lines} spilled ({self.order.spilled_bytes / 2**20:.1f} MiB)")
 
@@ -218,6 +226,9 @@ class BatchJob:
     def _step(self) -> None:
         if not self.engine.scheduler.has_work():
             raise RuntimeError("batch loop: a running line is unfinished but the engine has no work left")
+        queued = self.engine.scheduler.num_waiting + self.engine.scheduler.num_live
+        self.stats.steps += 1
+        self.stats.slot_steps += min(queued, self.engine.scheduler.config.max_slots)
         updates = self.engine.step()
         self.stats.generated_tokens += sum(len(u.new_token_ids) for u in updates)
         if self.progress is not None:

@@ -276,6 +276,8 @@ def test_bad_flag_is_a_usage_error(tmp_path, batch_env):
     path = write_jsonl(tmp_path / "in.jsonl", [greedy("x", "Hi")])
     proc = run_batch(batch_env, path, "--top-p", "2")
     assert proc.returncode == 2 and "top_p" in proc.stderr
+    proc = run_batch(batch_env, path, "--max-buffered-bytes", "1T")
+    assert proc.returncode == 2 and "--max-buffered-bytes" in proc.stderr and "64M or 1G" in proc.stderr
 
 
 def test_dummy_gpt2_uses_the_packaged_tokenizer(tmp_path, batch_env):
