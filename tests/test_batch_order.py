@@ -33,7 +33,9 @@ def put_shuffled(ordered: InOrderWriter, count: int, seed: int, watch=None) -> N
 
 
 @pytest.mark.parametrize("budget", [0, 200, 1 << 20])
-def test_any_finish_order_is_written_once_in_order_within_the_budget(tmp_path, budget):
+@pytest.mark.parametrize("compact_after", [8, 4096])
+def test_any_finish_order_is_written_once_in_order_within_the_budget(tmp_path, monkeypatch, budget, compact_after):
+    monkeypatch.setattr("launch.batch_order.COMPACT_AFTER", compact_after)  # 8: the table's front is dropped often
     out = tmp_path / "out.jsonl"
     writer = OutputWriter(str(out), resume=False, overwrite=False)
     ordered = InOrderWriter(writer, budget)
@@ -43,6 +45,7 @@ def test_any_finish_order_is_written_once_in_order_within_the_budget(tmp_path, b
     writer.close()
     assert out.read_bytes() == b"".join(line(i, size=i % 7) for i in range(500))
     assert max(held) <= budget and ordered.waiting == 0
+    assert (ordered._first > 0) == (compact_after == 8)  # written positions left the table
     stats = ordered.stats
     assert stats.peak_waiting > 100  # a random order keeps many lines waiting
     assert (stats.spilled_lines > 0) == (budget < 1 << 20)
@@ -64,6 +67,25 @@ def test_spill_file_sits_next_to_the_output_and_is_emptied_when_nothing_waits(tm
     ordered.close()
     writer.close()
     assert [json.loads(x)["id"] for x in (tmp_path / "out.jsonl").read_text().splitlines()] == [0, 1, 2]
+
+
+def test_a_stuck_head_keeps_memory_at_8_bytes_a_waiting_line(tmp_path):
+    import tracemalloc
+
+    writer = OutputWriter(str(tmp_path / "out.jsonl"), resume=False, overwrite=False)
+    ordered = InOrderWriter(writer, 0)
+    stuck, count = ordered.reserve(), 200_000
+    tracemalloc.start()
+    for _ in range(count):
+        ordered.put(ordered.reserve(), line(1, size=40))  # ~60 bytes each: 12 MB of output behind the head
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert ordered.waiting == count and ordered.held_bytes == 0 and ordered.stats.spilled_bytes > 10 << 20
+    assert peak < 8 * count + (1 << 20)  # the position table, plus the spill file's write buffer
+    ordered.put(stuck, line(0))
+    ordered.close()
+    writer.close()
+    assert (tmp_path / "out.jsonl").stat().st_size == len(line(0)) + ordered.stats.spilled_bytes
 
 
 def test_a_discarding_writer_holds_nothing(tmp_path):
