@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = p.add_argument_group("engine (EngineConfig fields; default: EngineConfig's)")
     add_engine_flags(e, ENGINE_FLAGS)
     e.add_argument("--max-in-flight", type=int,
-                   help="unfinished requests in the engine at once; a line of n samples counts n (default: 4 x max-slots)")
+                   help="unfinished requests in the engine at once; a line of n samples counts n "
+                        "(default: 4 x max-slots)")
     e.add_argument("--max-buffered-bytes", type=byte_size, default=DEFAULT_BUFFERED_BYTES,
                    help="finished results waiting for an earlier line, held in memory (e.g. 64M, 1G); "
                         "past this they spill to a temporary file next to the output")
