@@ -22,7 +22,7 @@ from engine.config import DTYPES, EngineConfig
 from engine.sampling import SamplingParams
 from launch import distributed
 from launch.batch_io import JobError, count_lines, default_output, input_lines, open_input
-from launch.batch_job import BatchJob, JobOptions, Stats
+from launch.batch_job import DEFAULT_BUFFERED_BYTES, BatchJob, JobOptions, Stats
 from launch.engine_flags import EngineLoadError, add_engine_flags, engine_options, load_engine
 
 if TYPE_CHECKING:
@@ -49,7 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dummy: random weights of the model's shape (needs no checkpoint)")
     e = p.add_argument_group("engine (EngineConfig fields; default: EngineConfig's)")
     add_engine_flags(e, ENGINE_FLAGS)
-    e.add_argument("--max-in-flight", type=int, help="lines held at once (default: 4 x max-slots)")
+    e.add_argument("--max-in-flight", type=int,
+                   help="unfinished requests in the engine at once; a line of n samples counts n "
+                        "(default: 4 x max-slots)")
+    e.add_argument("--max-buffered-bytes", type=byte_size, default=DEFAULT_BUFFERED_BYTES,
+                   help="finished results waiting for an earlier line, held in memory (e.g. 64M, 1G); "
+                        "past this they spill to a temporary file next to the output")
     s = p.add_argument_group("default sampling (SamplingParams fields; a line's own fields win)")
     s.add_argument("--max-new-tokens", type=int)
     s.add_argument("--temperature", type=float, help="0 = greedy")
@@ -68,6 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def byte_size(text: str) -> int:
+    """argparse type: bytes as an int >= 0, optionally with a K, M or G suffix (powers of 1024)."""
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:].upper(), 1)
+    try:
+        value = int(text[:-1] if scale > 1 else text) * scale
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a byte count >= 0 such as 67108864, 64M or 1G, got {text!r}")
+    return value
+
+
 def _given(args: argparse.Namespace, names: tuple[str, ...]) -> dict:
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
@@ -82,7 +99,7 @@ def configs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[
     max_in_flight = args.max_in_flight if args.max_in_flight is not None else 4 * EngineConfig(**options).max_slots
     if max_in_flight < 1:
         parser.error(f"--max-in-flight: expected an int >= 1, got {max_in_flight}")
-    return options, JobOptions(defaults, args.seed, max_in_flight, args.model)
+    return options, JobOptions(defaults, args.seed, max_in_flight, args.model, args.max_buffered_bytes)
 
 
 def load_logged(args: argparse.Namespace, options: dict) -> Engine:

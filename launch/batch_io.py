@@ -91,12 +91,22 @@ def _truncate_torn_tail(path: str) -> None:
         f.truncate(0)
 
 
+def encode_line(obj: dict) -> bytes:
+    """One output line: compact UTF-8 JSON and a newline (JSON escapes every newline inside it)."""
+    try:
+        data = json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (e.g. in an id): \u-escapes round-trip it
+        data = json.dumps(obj).encode("ascii")
+    return data + b"\n"
+
+
 class OutputWriter:
-    """Appends JSON lines, each flushed as soon as it is written; `-` writes to stdout."""
+    """Appends JSON lines, each flushed as soon as it is written; `-` writes to stdout, os.devnull discards."""
 
     def __init__(self, path: str, resume: bool, overwrite: bool) -> None:
         self.path = path
         self.done: set[str] = set()
+        self.discards = path == os.devnull  # a multi-process job's other processes: order is moot
         if path == "-":
             if resume:
                 raise JobError("--resume needs an output file; it cannot continue a job written to stdout")
@@ -111,12 +121,14 @@ class OutputWriter:
         except OSError as e:
             raise JobError(f"cannot write output {path!r}: {e.strerror or e}") from None
 
-    def write(self, obj: dict) -> None:
-        try:
-            data = json.dumps(obj, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:  # a lone surrogate (e.g. in an id): \u-escapes round-trip it
-            data = json.dumps(obj).encode("ascii")
-        self._file.write(data + b"\n")
+    @property
+    def spill_dir(self) -> str | None:
+        """Where results waiting for their turn may spill: the output's folder (None: the system's temp folder)."""
+        return None if self.path == "-" or self.discards else os.path.dirname(os.path.abspath(self.path))
+
+    def write_line(self, data: bytes) -> None:
+        """Append one encoded line (`encode_line`) and flush it."""
+        self._file.write(data)
         self._file.flush()
 
     def close(self) -> None:

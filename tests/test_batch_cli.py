@@ -1,11 +1,11 @@
 """End to end: `python -m launch.batch` in a subprocess on a tiny checkpoint folder with the GPT-2 tokenizer.
 
-Every run shares one small engine shape and one JAX compilation cache, so only the first run compiles.
+Every run shares one small engine shape and one JAX compilation cache (`batch_model`, `batch_env` in
+conftest), so only the first run compiles.
 """
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -15,23 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.checkpoints import make_tiny_checkpoint
-
 REPO = Path(__file__).resolve().parents[1]
 ENGINE_FLAGS = ["--max-slots", "2", "--max-seq-len", "128", "--decode-steps", "2", "--prefill-buckets", "16,64"]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_gpt2"))
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict:
-    cache = tmp_path_factory.mktemp("jax_cache")
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache),
-            "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
 
 
 def command(*args) -> list[str]:
@@ -93,13 +78,13 @@ SCORE_LINE = {"id": "score", "prompt": "Say this is", "prompt_logprobs": 1, "ech
 
 
 @pytest.fixture(scope="module")
-def mixed(tmp_path_factory, tiny_model, env):
+def mixed(tmp_path_factory, batch_model, batch_env):
     """One run over good, bad, blank and OpenAI lines, interleaved."""
     folder = tmp_path_factory.mktemp("mixed")
     lines = [GOOD_LINES[0], *[b for b, _ in BAD_LINES[:6]], "", GOOD_LINES[1], OPENAI_LINES[0], GOOD_LINES[2],
              *[b for b, _ in BAD_LINES[6:]], *OPENAI_LINES[1:], "   ", GOOD_LINES[3], SCORE_LINE]
     path = write_jsonl(folder / "mixed.jsonl", lines)
-    proc = run_batch(env, path, "--model", tiny_model, *ENGINE_FLAGS, "--max-new-tokens", "4")
+    proc = run_batch(batch_env, path, "--model", batch_model, *ENGINE_FLAGS, "--max-new-tokens", "4")
     assert proc.returncode == 0, proc.stderr
     outputs = read_jsonl(folder / "mixed.out.jsonl")
     return lines, outputs, proc
@@ -132,10 +117,10 @@ def test_bad_lines_get_error_naming_the_problem(mixed):
     assert "lines: 7 ok, 15 failed" in proc.stderr  # 5 native + 2 OpenAI ok; 11 native + 4 OpenAI failed
 
 
-def test_good_native_lines(mixed, tiny_model):
+def test_good_native_lines(mixed, batch_model):
     from engine.tokenizer import Tokenizer
 
-    tok = Tokenizer.from_path(tiny_model)
+    tok = Tokenizer.from_path(batch_model)
     by_id = {o["id"]: o for o in mixed[1] if "id" in o and "error" not in o and "custom_id" not in o}
     a = by_id["greedy-a"]
     assert set(a) == {"id", "text", "token_ids", "finish_reason", "usage"}
@@ -188,12 +173,12 @@ def test_openai_batch_lines(mixed):
 
 
 @pytest.fixture(scope="module")
-def forty(tmp_path_factory, tiny_model, env):
+def forty(tmp_path_factory, batch_model, batch_env):
     """A clean run to stdout over 40 lines (38 long greedy ones): the reference for the resume test."""
     folder = tmp_path_factory.mktemp("forty")
     long = [greedy(f"r{i}", f"Item {i}: the weather today is", tokens=32, ignore_eos=True) for i in range(38)]
     path = write_jsonl(folder / "jobs.jsonl", [GOOD_LINES[0], "not json", *long])
-    proc = run_batch(env, path, "--model", tiny_model, *ENGINE_FLAGS, "--output", "-")
+    proc = run_batch(batch_env, path, "--model", batch_model, *ENGINE_FLAGS, "--output", "-")
     assert proc.returncode == 0, proc.stderr
     assert not (folder / "jobs.out.jsonl").exists()
     return path, proc
@@ -213,10 +198,10 @@ def complete_lines(path: Path) -> int:
     return path.read_bytes().count(b"\n") if path.exists() else 0
 
 
-def test_resume_after_kill_9(tmp_path, tiny_model, env, forty):
+def test_resume_after_kill_9(tmp_path, batch_model, batch_env, forty):
     path = shutil.copy(forty[0], tmp_path / "jobs.jsonl")
     out = tmp_path / "jobs.out.jsonl"
-    victim = subprocess.Popen(command(path, "--model", tiny_model, *ENGINE_FLAGS), cwd=REPO, env=env,
+    victim = subprocess.Popen(command(path, "--model", batch_model, *ENGINE_FLAGS), cwd=REPO, env=batch_env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while complete_lines(out) < 4 and victim.poll() is None and time.monotonic() < deadline:
@@ -228,7 +213,7 @@ def test_resume_after_kill_9(tmp_path, tiny_model, env, forty):
     assert 4 <= done_before < 40
     with out.open("ab") as f:
         f.write(b'{"id": "r37", "text": "a torn li')  # a crash in the middle of a write
-    resumed = run_batch(env, path, "--model", tiny_model, *ENGINE_FLAGS, "--resume")
+    resumed = run_batch(batch_env, path, "--model", batch_model, *ENGINE_FLAGS, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert f"{done_before} lines already answered" in resumed.stderr
     assert f"{40 - done_before} ok, 0 failed, {done_before} skipped" in resumed.stderr
@@ -238,67 +223,69 @@ def test_resume_after_kill_9(tmp_path, tiny_model, env, forty):
     assert outputs == reference  # and in input order
 
 
-def test_ids_never_collide_and_resume_answers_each_line_once(tmp_path, tiny_model, env):
+def test_ids_never_collide_and_resume_answers_each_line_once(tmp_path, batch_model, batch_env):
     lines = ['{"id": 0, "prompt": "Hel',  # line 0, not JSON: no id (keyed by its line number)
              greedy(0, "Zero", 2),  # explicit id 0: the number of line 0
              {"prompt": "No id", "max_tokens": 2},  # line 2, no id: id 2 by position
              greedy(2, "Two", 2),  # explicit id 2
              "not json either"]
     path, out = write_jsonl(tmp_path / "ids.jsonl", lines), tmp_path / "ids.out.jsonl"
-    first = run_batch(env, path, "--model", tiny_model, *ENGINE_FLAGS)
+    first = run_batch(batch_env, path, "--model", batch_model, *ENGINE_FLAGS)
     assert first.returncode == 0, first.stderr
     outputs = read_jsonl(out)
     assert [(o["id"], o.get("line"), "error" in o) for o in outputs] == \
         [(None, 0, True), (0, None, False), (2, 2, False), (2, None, False), (None, 4, True)]
     out.write_text("".join(json.dumps(o) + "\n" for o in outputs[:2]))  # as if the job stopped after two lines
-    resumed = run_batch(env, path, "--model", tiny_model, *ENGINE_FLAGS, "--resume")
+    resumed = run_batch(batch_env, path, "--model", batch_model, *ENGINE_FLAGS, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "2 ok, 1 failed, 2 skipped" in resumed.stderr
     assert [(o["id"], o.get("line")) for o in read_jsonl(out)] == [(o["id"], o.get("line")) for o in outputs]
 
 
-def test_unloadable_model_fails_with_one_message(tmp_path, env):
+def test_unloadable_model_fails_with_one_message(tmp_path, batch_env):
     model = tmp_path / "not_a_model"
     model.mkdir()
     (model / "config.json").write_text('{"model_type": "llama"}')
     path = write_jsonl(tmp_path / "in.jsonl", [greedy("x", "Hi")])
-    proc = run_batch(env, path, "--model", model, "--output", "-")
+    proc = run_batch(batch_env, path, "--model", model, "--output", "-")
     assert proc.returncode == 1
     assert "cannot load model" in proc.stderr and "llama" in proc.stderr and "Traceback" not in proc.stderr
     assert proc.stdout == ""
 
 
-def test_mesh_flag_reaches_the_engine(tmp_path, tiny_model, env):
+def test_mesh_flag_reaches_the_engine(tmp_path, batch_model, batch_env):
     path = write_jsonl(tmp_path / "in.jsonl", [greedy("x", "Hi")])
-    proc = run_batch(env, path, "--model", tiny_model, "--mesh", "data=1,model=8", "--max-slots", "2")
+    proc = run_batch(batch_env, path, "--model", batch_model, "--mesh", "data=1,model=8", "--max-slots", "2")
     assert proc.returncode == 1  # 8 does not divide the tiny model's 4 heads: refused before any weight is read
     assert "mesh model=8" in proc.stderr and "sizes that work: 1, 2, 4" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
-def test_missing_input_and_existing_output_fail_cleanly(tmp_path, env):
-    proc = run_batch(env, tmp_path / "nope.jsonl")
+def test_missing_input_and_existing_output_fail_cleanly(tmp_path, batch_env):
+    proc = run_batch(batch_env, tmp_path / "nope.jsonl")
     assert proc.returncode == 1
     assert "cannot read input" in proc.stderr and "nope.jsonl" in proc.stderr and "Traceback" not in proc.stderr
     path = write_jsonl(tmp_path / "in.jsonl", [greedy("x", "Hi")])
     (tmp_path / "in.out.jsonl").write_text('{"id": "x", "error": "earlier"}\n')
-    proc = run_batch(env, path)
+    proc = run_batch(batch_env, path)
     assert proc.returncode == 1 and "--resume" in proc.stderr and "Traceback" not in proc.stderr
     assert (tmp_path / "in.out.jsonl").read_text() == '{"id": "x", "error": "earlier"}\n'
 
 
-def test_bad_flag_is_a_usage_error(tmp_path, env):
+def test_bad_flag_is_a_usage_error(tmp_path, batch_env):
     path = write_jsonl(tmp_path / "in.jsonl", [greedy("x", "Hi")])
-    proc = run_batch(env, path, "--top-p", "2")
+    proc = run_batch(batch_env, path, "--top-p", "2")
     assert proc.returncode == 2 and "top_p" in proc.stderr
+    proc = run_batch(batch_env, path, "--max-buffered-bytes", "1T")
+    assert proc.returncode == 2 and "--max-buffered-bytes" in proc.stderr and "64M or 1G" in proc.stderr
 
 
-def test_dummy_gpt2_uses_the_packaged_tokenizer(tmp_path, env):
+def test_dummy_gpt2_uses_the_packaged_tokenizer(tmp_path, batch_env):
     lines = [{"id": "ids", "prompt_token_ids": [464, 2068, 7586, 21831], "temperature": 0},
              {"id": "text", "prompt": "no tokenizer files anywhere"},
              {"id": "stop", "prompt_token_ids": [464], "stop": ["x"]}]
     path = write_jsonl(tmp_path / "ids.jsonl", lines)
-    proc = run_batch(env, path, "--load-format", "dummy", "--model", "gpt2", "--max-slots", "2", "--max-seq-len",
+    proc = run_batch(batch_env, path, "--load-format", "dummy", "--model", "gpt2", "--max-slots", "2", "--max-seq-len",
                      "32", "--decode-steps", "2", "--prefill-buckets", "16", "--max-new-tokens", "3")
     assert proc.returncode == 0, proc.stderr
     ok, text, stop = read_jsonl(tmp_path / "ids.out.jsonl")
