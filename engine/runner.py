@@ -10,11 +10,12 @@ Programs (a fixed set, all compiled by `warmup`):
   move(src group, dst group): copies every per-slot row (KV cache included) from one slot to another,
       for the scheduler's compaction of live requests into low slots (so N follows the number of live
       requests); one program per pair of the cache's slot groups.
-  score-prefill(bucket T, rows B): the same prefill, also scoring every packed prompt token (the logits of
-      all B*T tokens, log-softmaxed, gathered at each token's next token in its prompt, plus the top-N:
-      `engine.scoring`). A separate program, used only for calls holding a `prompt_logprobs` request (the
-      [B*T, V] logits cost far more than the P sampled rows) and compiled on its first such call: `warmup`
-      compiles it only when asked (`score=True`), so the no-recompile guarantee covers scoring only then.
+  score-prefill(bucket T, rows B): the same prefill, also scoring every packed prompt token (the LM head of
+      all B*T tokens, chunk by chunk, log-softmaxed, gathered at each token's next token in its prompt, plus
+      the top-N: `engine.scoring`). A separate program, used only for calls holding a `prompt_logprobs`
+      request (the B*T tokens' LM head costs far more than the P sampled rows') and compiled on its first
+      such call: `warmup` compiles it only when asked (`score=True`), so the no-recompile guarantee covers
+      scoring only then.
 Insert is fused into prefill: a separate insert program would materialise every prompt's K/V once more.
 `DecodeState` is donated to every program, so the cache is updated in place and never copied. Sampling
 parameters are per-slot arrays inside it: new values never recompile. The host gets back one small int
@@ -134,8 +135,7 @@ class Runner:
         outs = (self.state_shardings, replicated(self.mesh))
         self.state = self._initial_state(cache_dtype)
         self._prefill = Program("prefill", self._prefill_impl, donate_argnums=(1,), out_shardings=outs)
-        self._score_prefill = Program("score-prefill", functools.partial(self._prefill_impl, score=True),
-                                      donate_argnums=(1,), out_shardings=outs)
+        self._score_prefill = Program("score-prefill", self._prefill_impl, donate_argnums=(1,), out_shardings=outs)
         self._decode = Program("decode", self._decode_impl, donate_argnums=(1,), static_argnums=(2, 3),
                                out_shardings=outs)
         self._move = Program("move", _move_row, donate_argnums=(0,), out_shardings=self.state_shardings)
@@ -169,16 +169,26 @@ class Runner:
     def _model(self, params: nnx.State):
         return nnx.merge(self.graphdef, params)
 
-    def _prefill_impl(self, params, state: DecodeState, rows: PrefillRows, score: bool = False):
+    def _prefill_impl(self, params, state: DecodeState, rows: PrefillRows, top=None):
+        """The prefill program; with `top` (i32 [], the largest prompt_logprobs N in the call) it also scores
+        every token (the score-prefill program)."""
         self.trace_count += 1
         p, v, s = rows.slots.shape[0], self.cfg.padded_vocab_size, self.ecfg.max_slots
+        model = self._model(params)
         # Each token's K/V goes to its prompt's slot; padding tokens to slot S: dropped.
         token_slots = jnp.where(rows.segments < p, rows.slots[jnp.minimum(rows.segments, p - 1)], s)
-        logits, cache = self._model(params)(rows.tokens, rows.positions, state.cache, slots=token_slots,
-                                            segments=rows.segments, select=None if score else rows.last)
-        logits = self._full_vocab(logits.reshape(-1, v), "rows")  # scoring: every token's [B*T, V]
-        scored = score_packed(logits, rows.tokens, rows.segments, p) if score else None
-        logits = logits[rows.last] if score else logits
+        hidden, cache = model.hidden(rows.tokens, rows.positions, state.cache, slots=token_slots,
+                                     segments=rows.segments, select=None if top is not None else rows.last)
+
+        def head(h):
+            return self._full_vocab(model.logits(h), "rows")
+
+        scored = None
+        if top is not None:  # scoring: every token's hidden state [B*T, D]; its logits only chunk by chunk
+            hidden = hidden.reshape(-1, hidden.shape[-1])
+            scored = score_packed(hidden, head, rows.tokens, rows.segments, p, top)
+            hidden = hidden[rows.last]
+        logits = head(hidden)
         # The prompt's tokens count as seen (repetition penalty); padding tokens are segment P: dropped.
         seen = jnp.zeros((p, v), bool).at[rows.segments, rows.tokens].set(True, mode="drop")
         counts = jnp.zeros((p, v), jnp.int32)
@@ -238,9 +248,10 @@ class Runner:
         self.state, out = self._prefill(_prefill_key(rows), self.params, self.state, rows)
         return out
 
-    def score_prefill(self, rows: PrefillRows) -> tuple[Sampled, Scored]:
-        """`prefill`, also scoring every prompt token (`engine.scoring.Scored`, device arrays [B*T, ...])."""
-        self.state, out = self._score_prefill(_prefill_key(rows), self.params, self.state, rows)
+    def score_prefill(self, rows: PrefillRows, top: int = MAX_LOGPROBS) -> tuple[Sampled, Scored]:
+        """`prefill`, also scoring every prompt token (`engine.scoring.Scored`, device arrays [B*T, ...]);
+        `top`: the largest prompt_logprobs N of the call (top entries beyond it are not computed)."""
+        self.state, out = self._score_prefill(_prefill_key(rows), self.params, self.state, rows, np.int32(top))
         return out
 
     def decode(self, window: int, width: int | None = None, reach=None) -> Sampled:
@@ -268,8 +279,9 @@ class Runner:
         for bucket in buckets:
             for size in self.ecfg.prefill_batch_sizes(bucket):
                 rows = dummy_rows(size, bucket, self.ecfg.prefill_prompts(bucket, size), self.ecfg.max_slots)
-                for program in (self._prefill, self._score_prefill) if score else (self._prefill,):
-                    out.append((program, _prefill_key(rows), (self.params, self.state, rows)))
+                out.append((self._prefill, _prefill_key(rows), (self.params, self.state, rows)))
+                if score:
+                    out.append((self._score_prefill, _prefill_key(rows), (self.params, self.state, rows, np.int32(0))))
         for window in windows:
             for width in widths or (self.ecfg.max_slots,):
                 blocks = np.asarray(self.state.cache.group_blocks(width, window), np.int32)
