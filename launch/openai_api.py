@@ -5,9 +5,9 @@ OpenAI's sampling fields (`max_tokens`, `temperature`, `top_p`, `n`, `stop`, `se
 `frequency_penalty`, `logprobs`, `echo`) plus the extras `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`,
 `stop_token_ids`, and vLLM's extra fields (`launch.vllm_api.split_extras`: `prompt_logprobs`, `min_tokens`,
 ...). `echo` puts the prompt before each choice's text and its tokens' logprobs before the generated ones
-(`launch/completion_echo.py`); with echo, `max_tokens` may be 0 (the prompt alone). Features this engine
-lacks (`suffix`, `logit_bias`, `best_of != n`) are rejected by name; unknown fields
-are ignored with a warning in the log, as vLLM does.
+(`launch/completion_echo.py`; a stream echoes in each choice's first chunk); with echo, `max_tokens` may
+be 0 (the prompt alone). Features this engine lacks (`suffix`, `logit_bias`, `best_of != n`) are rejected
+by name; unknown fields are ignored with a warning in the log, as vLLM does.
 
 Invariant: every rejection is an `ApiError` whose `param` names the offending request field, so the
 server can answer OpenAI's error object `{"error": {"message", "type", "param", "code"}}`.
