@@ -1,14 +1,15 @@
 """Prompt scoring: every packed prompt token's log-probability given the tokens before it, plus the top-N.
 
 Device side (`score_packed`, traced inside the runner's scoring prefill program): from the final hidden
-states of every token of a packed prefill call, f32 [B*T, D] in flat order (row * T + column), the LM head
+states of every token of a packed prefill call, [B*T, D] in flat order (row * T + column), the LM head
 runs `SCORE_CHUNK` tokens at a time (`lax.map`), so the [B*T, V] logits are never materialised: each
 chunk's logits are reduced to a float32 logsumexp (the raw model logits: no temperature or penalty, as
 vLLM's and OpenAI's prompt logprobs) and gathered at each token's next token *within its segment*. A flat
 position whose next token belongs to another prompt, or that is padding, has no next token: its entry is
 0 and never read. The top-N arrays are `MAX_LOGPROBS` wide (static); what fills them depends on `top`, the
 largest N asked in the call: nothing for 0, the argmax for 1 (lm-eval's `is_greedy`), `lax.top_k` beyond
-(top-k over the vocab costs a large share of a chunk). The host keeps each request's first N.
+(on CPU, top_k over the vocab costs about a tenth of the chunk's LM head). The host keeps each request's
+first N.
 
 Host side (`prompt_entries`): one prompt's list, `None` for its first token (nothing conditions it, as
 vLLM and OpenAI), then one `TokenLogprob` per later token, read from the flat positions of its placement.
