@@ -35,7 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="gpt2", help="preset (random weights): gpt2, gpt2-medium, ...")
     p.add_argument("--prompts", type=int, default=256)
     p.add_argument("--prompt-len", type=int, default=512)
-    p.add_argument("--max-slots", type=int, default=64)
+    p.add_argument("--max-slots", type=int, default=8,
+                   help="scoring requests free their slot at prefill: a few slots suffice (64 x 1024 positions of "
+                        "KV cache is 4.8 GB for gpt2)")
     p.add_argument("--prefill-token-budget", type=int, default=2048, help="tokens per scoring prefill call")
     p.add_argument("--hf-batch", type=int, nargs="+", default=[8], help="prompts per HF forward pass (several: each)")
     p.add_argument("--warmup-prompts", type=int, default=16, help="prompts of the untimed warm-up run")
