@@ -51,6 +51,7 @@ class _Choice:
     index: int
     submitted: float  # time.perf_counter() at submission
     first_token: float | None = None
+    delivered: bool = False  # a delta has been made (the first one carries the prompt logprobs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,13 +262,16 @@ class AsyncEngine:
         if req.text_stream is not None:
             text = req.text_stream.pop_delta() + (req.text_stream.finish() if update.finished else "")
         logprobs = list(update.new_extras) if req.params.logprobs is not None else None
+        prompt_logprobs = None if choice.delivered else req.prompt_logprobs
+        choice.delivered = True
         if not update.finished:
-            return Delta(choice.index, text, list(update.new_token_ids), logprobs)
+            return Delta(choice.index, text, list(update.new_token_ids), logprobs, prompt_logprobs=prompt_logprobs)
         completion = completion_of(req, self.engine.tokenizer)
         del self._live[req.request_id]
         timing = self._stats.record_finish(choice.submitted, choice.first_token, now, len(req.output_token_ids),
                                            aborted=req.finish_reason == "abort")
-        return Delta(choice.index, text, list(update.new_token_ids), logprobs, req.finish_reason, completion, timing)
+        return Delta(choice.index, text, list(update.new_token_ids), logprobs, req.finish_reason, completion, timing,
+                     prompt_logprobs)
 
     def _fail_choice(self, choice: _Choice, error: Exception, now: float) -> RequestError:
         """End `choice` and the rest of its submission (their slots free at once); the error for its stream."""

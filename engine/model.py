@@ -10,6 +10,7 @@ stores `[in, out]` and computes `x @ W + b`, kept here without a transpose; `c_a
 that heads can be sharded. `wte` is padded to V rows (zeros); padded logits are -inf.
 
 The forward is a pure function of (tokens, positions, cache): it never samples, tokenizes or schedules.
+`GPT2.hidden` stops before the LM head (final hidden states); `GPT2.__call__` applies `GPT2.logits` to them.
 LayerNorm, softmax and logits are computed in float32 whatever the parameter dtype.
 """
 from __future__ import annotations
@@ -224,10 +225,17 @@ class GPT2(nnx.Module):
         self.h = nnx.List([Block(cfg, dtype, rngs) for _ in range(cfg.n_layer)])
         self.ln_f = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, dtype)
 
-    def __call__(self, tokens, positions, cache: KVCache | None = None, *, slots=None, window=None,
-                 segments=None, blocks=None, select=None):
-        """tokens/positions [B,T] -> (logits f32 [B,T,V], or [N,V] for `select` [N] flat token indices
-        (row * T + column), cache).
+    def __call__(self, tokens, positions, cache: KVCache | None = None, **where):
+        """tokens/positions [B,T] -> (logits f32 [B,T,V], or [N,V] with `select`, cache): `logits` of
+        `hidden` (same arguments)."""
+        h, cache = self.hidden(tokens, positions, cache, **where)
+        return self.logits(h), cache
+
+    def hidden(self, tokens, positions, cache: KVCache | None = None, *, slots=None, window=None,
+               segments=None, blocks=None, select=None):
+        """tokens/positions [B,T] -> (final hidden states after `ln_f` [B,T,D], or [N,D] for `select` [N]
+        flat token indices (row * T + column), cache). Callers that need only part of the logits (scoring
+        reduces them chunk by chunk) apply `logits` themselves.
 
         cache None: plain causal forward. cache + `slots` [B,T]: each token writes its K/V into its slot
         at its position (prefill; out-of-range slots are dropped); `segments` [B,T] keeps attention
@@ -240,7 +248,7 @@ class GPT2(nnx.Module):
             x, cache = block(x, positions, cache, layer, where)
         if select is not None:
             x = x.reshape(-1, x.shape[-1])[select]
-        return self.logits(self.ln_f(x)), cache
+        return self.ln_f(x), cache
 
     def logits(self, h: jax.Array) -> jax.Array:
         """h [..., D] -> f32 [..., V] through the tied `wte`; padded vocab entries are -inf."""

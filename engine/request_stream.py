@@ -37,6 +37,8 @@ class Delta:
     finish_reason: str | None = None  # "stop" | "length" | "abort" on the last delta
     completion: Completion | None = None  # the whole result, on the last delta only
     timing: RequestTiming | None = None  # on the last delta only
+    # On a choice's first delta, when its request asked for prompt_logprobs (set by then: prefill scores them)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class Sink:

@@ -108,7 +108,8 @@ class RequestFactory:
         return requests
 
     def _stream(self, params: SamplingParams) -> TextStream | None:
-        return None if self.tokenizer is None else TextStream(self.tokenizer, params.stop)
+        return None if self.tokenizer is None else TextStream(self.tokenizer, params.stop,
+                                                                   params.include_stop_str_in_output)
 
 
 def attach_rows(req: Request) -> Request:

@@ -10,11 +10,12 @@ Programs (a fixed set, all compiled by `warmup`):
   move: copies every per-slot row (KV cache included) from one slot to another, for the scheduler's
       compaction of live requests into low slots (so N follows the number of live requests); one program
       for every pair of slots (the slot indices are inputs).
-  score-prefill(bucket T, rows B): the same prefill, also scoring every packed prompt token (the logits of
-      all B*T tokens, log-softmaxed, gathered at each token's next token in its prompt, plus the top-N:
-      `engine.scoring`). A separate program, used only for calls holding a `prompt_logprobs` request (the
-      [B*T, V] logits cost far more than the P sampled rows) and compiled on its first such call: `warmup`
-      compiles it only when asked (`score=True`), so the no-recompile guarantee covers scoring only then.
+  score-prefill(bucket T, rows B): the same prefill, also scoring every packed prompt token (the LM head of
+      all B*T tokens, chunk by chunk, log-softmaxed, gathered at each token's next token in its prompt, plus
+      the top-N: `engine.scoring`). A separate program, used only for calls holding a `prompt_logprobs`
+      request (the B*T tokens' LM head costs far more than the P sampled rows') and compiled on its first
+      such call: `warmup` compiles it only when asked (`score=True`), so the no-recompile guarantee covers
+      scoring only then.
 With the slots split over `data` (D > 1), prefill and decode run per data shard (`per_shard` over `data`
 only; `model` stays automatic): a prefill call's rows and prompts are D equal parts, part d holding only
 prompts of shard d's slots, so each device group prefills only what it caches and writes its K/V locally;
@@ -143,8 +144,7 @@ class Runner:
         outs = (self.state_shardings, replicated(self.mesh))
         self.state = self._initial_state(cache_dtype)
         self._prefill = Program("prefill", self._prefill_impl, donate_argnums=(1,), out_shardings=outs)
-        self._score_prefill = Program("score-prefill", functools.partial(self._prefill_impl, score=True),
-                                      donate_argnums=(1,), out_shardings=outs)
+        self._score_prefill = Program("score-prefill", self._prefill_impl, donate_argnums=(1,), out_shardings=outs)
         self._decode = Program("decode", self._decode_impl, donate_argnums=(1,), static_argnums=(2, 3),
                                out_shardings=outs)
         self._move = Program("move", _move_row, donate_argnums=(0,), out_shardings=self.state_shardings)
@@ -173,30 +173,41 @@ class Runner:
     def _model(self, params: nnx.State):
         return nnx.merge(self.graphdef, params)
 
-    def _prefill_impl(self, params, state: DecodeState, rows: PrefillRows, score: bool = False):
-        """One prefill call; with slots over `data`, run per data shard on its own rows, prompts and slots
-        (`engine.prefill_packing` packs each shard's part with its own slots' prompts), so each device
-        prefills only what it caches and writes its K/V locally."""
+    def _prefill_impl(self, params, state: DecodeState, rows: PrefillRows, top=None):
+        """The prefill program; with `top` (i32 [], the largest prompt_logprobs N in the call) it also scores
+        every token (the score-prefill program). With slots over `data`, it runs per data shard on its own
+        rows, prompts and slots (`engine.prefill_packing` packs each shard's part with its own slots'
+        prompts), so each device prefills only what it caches and writes its K/V locally."""
         self.trace_count += 1
         if self.mesh.shape["data"] == 1:
-            return self._prefill_rows(params, state, rows, score)
-        shard = functools.partial(self._prefill_rows, score=score, manual=True)
-        return per_shard(shard, self.mesh, (_WHOLE, _DATA, _DATA), _DATA, _DATA_AXIS)(params, state, rows)
+            return self._prefill_rows(params, state, rows, top)
+        args, specs = (params, state, rows), (_WHOLE, _DATA, _DATA)
+        if top is not None:
+            args, specs = args + (top,), specs + (_WHOLE,)
+        shard = functools.partial(self._prefill_rows, manual=True)
+        return per_shard(shard, self.mesh, specs, _DATA, _DATA_AXIS)(*args)
 
-    def _prefill_rows(self, params, state: DecodeState, rows: PrefillRows, score: bool = False,
-                      manual: bool = False):
+    def _prefill_rows(self, params, state: DecodeState, rows: PrefillRows, top=None, manual: bool = False):
         p, v, s = rows.slots.shape[0], self.cfg.padded_vocab_size, state.tokens.shape[0]
         slots = rows.slots
         if manual:  # this shard's slots are [d * s, (d + 1) * s): local indices, any other slot dropped
             slots = slots - jax.lax.axis_index("data") * s
             slots = jnp.where((slots >= 0) & (slots < s), slots, s)
+        model = self._model(params)
         # Each token's K/V goes to its prompt's slot; padding tokens to slot S: dropped.
         token_slots = jnp.where(rows.segments < p, slots[jnp.minimum(rows.segments, p - 1)], s)
-        logits, cache = self._model(params)(rows.tokens, rows.positions, state.cache, slots=token_slots,
-                                            segments=rows.segments, select=None if score else rows.last)
-        logits = self._full_vocab(logits.reshape(-1, v), "rows", manual)  # scoring: every token's [B*T, V]
-        scored = score_packed(logits, rows.tokens, rows.segments, p) if score else None
-        logits = logits[rows.last] if score else logits
+        hidden, cache = model.hidden(rows.tokens, rows.positions, state.cache, slots=token_slots,
+                                     segments=rows.segments, select=None if top is not None else rows.last)
+
+        def head(h):
+            return self._full_vocab(model.logits(h), "rows", manual)
+
+        scored = None
+        if top is not None:  # scoring: every token's hidden state [B*T, D]; its logits only chunk by chunk
+            hidden = hidden.reshape(-1, hidden.shape[-1])
+            scored = score_packed(hidden, head, rows.tokens, rows.segments, p, top)
+            hidden = hidden[rows.last]
+        logits = head(hidden)
         # The prompt's tokens count as seen (repetition penalty); padding tokens are segment P: dropped.
         seen = jnp.zeros((p, v), bool).at[rows.segments, rows.tokens].set(True, mode="drop")
         counts = jnp.zeros((p, v), jnp.int32)
@@ -262,9 +273,10 @@ class Runner:
         self.state, out = self._prefill(_prefill_key(rows), self.params, self.state, rows)
         return out
 
-    def score_prefill(self, rows: PrefillRows) -> tuple[Sampled, Scored]:
-        """`prefill`, also scoring every prompt token (`engine.scoring.Scored`, device arrays [B*T, ...])."""
-        self.state, out = self._score_prefill(_prefill_key(rows), self.params, self.state, rows)
+    def score_prefill(self, rows: PrefillRows, top: int = MAX_LOGPROBS) -> tuple[Sampled, Scored]:
+        """`prefill`, also scoring every prompt token (`engine.scoring.Scored`, device arrays [B*T, ...]);
+        `top`: the largest prompt_logprobs N of the call (top entries beyond it are not computed)."""
+        self.state, out = self._score_prefill(_prefill_key(rows), self.params, self.state, rows, np.int32(top))
         return out
 
     def decode(self, window: int, width: int | None = None, reach=None) -> Sampled:
@@ -293,8 +305,9 @@ class Runner:
             data = self.mesh.shape["data"]
             for size in self.ecfg.prefill_batch_sizes(bucket, data):
                 rows = dummy_rows(size, bucket, self.ecfg.prefill_prompts(bucket, size, data), self.ecfg.max_slots)
-                for program in (self._prefill, self._score_prefill) if score else (self._prefill,):
-                    out.append((program, _prefill_key(rows), (self.params, self.state, rows)))
+                out.append((self._prefill, _prefill_key(rows), (self.params, self.state, rows)))
+                if score:
+                    out.append((self._score_prefill, _prefill_key(rows), (self.params, self.state, rows, np.int32(0))))
         for window in windows:
             for width in widths or (self.ecfg.max_slots,):
                 blocks = np.asarray(self.state.cache.group_blocks(width, window), np.int32)

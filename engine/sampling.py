@@ -45,6 +45,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    include_stop_str_in_output: bool = False  # vLLM's: the text keeps the stop string that ended it
     n: int = 1
     logprobs: int | None = None
     # Scoring (vLLM's name): the log-probability of every prompt token after the first, plus the top-N.
@@ -117,6 +118,7 @@ def _problems(p: SamplingParams) -> list[tuple[str, str]]:
     check("stop_token_ids", all(_int_in(t, 0, MAX_TOKEN_ID) for t in p.stop_token_ids),
           f"ints in [0, {MAX_TOKEN_ID}]")
     check("ignore_eos", isinstance(p.ignore_eos, bool), "a bool")
+    check("include_stop_str_in_output", isinstance(p.include_stop_str_in_output, bool), "a bool")
     check("n", _int_in(p.n, 1, MAX_N), f"an int in [1, {MAX_N}]")
     check("logprobs", p.logprobs is None or _int_in(p.logprobs, 0, MAX_LOGPROBS),
           f"None or an int in [0, {MAX_LOGPROBS}]")

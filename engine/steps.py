@@ -127,8 +127,9 @@ class StepRunner:
     def _prefill(self, batch: PrefillBatch) -> list[Update]:
         rows = pack_prefill(batch, self.scheduler.config.max_slots)
         reqs = [r for _, r in batch.rows]
-        if any(r.params.prompt_logprobs is not None for r in reqs):
-            out, scored = self.runner.score_prefill(rows)
+        tops = [r.params.prompt_logprobs for r in reqs if r.params.prompt_logprobs is not None]
+        if tops:
+            out, scored = self.runner.score_prefill(rows, max(tops))
             _attach_prompt_logprobs(batch, {f: np.asarray(getattr(scored, f)) for f in Scored._fields})
         else:
             out = self.runner.prefill(rows)

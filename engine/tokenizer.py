@@ -132,13 +132,16 @@ class IncrementalDetokenizer:
 class TextStream:
     """One request's generated text: incremental detokenisation plus stop strings."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()) -> None:
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = (), include_stop: bool = False) -> None:
+        """`include_stop`: the text ends after the stop string instead of before it (vLLM's
+        include_stop_str_in_output)."""
         if isinstance(stop, str):
             raise TypeError(f"stop must be a sequence of strings, got the string {stop!r}")
         if any(not s for s in stop):
             raise ValueError(f"stop strings must be non-empty, got {list(stop)!r}")
         self._detok = IncrementalDetokenizer(tokenizer)
         self._stop = tuple(stop)
+        self._include_stop = include_stop
         self._text = ""
         self._sent = 0
         self._stopped = False
@@ -146,7 +149,8 @@ class TextStream:
 
     @property
     def text(self) -> str:
-        """The text so far; after a stop, the text before the stop string's first occurrence."""
+        """The text so far; after a stop, the text before the stop string's first occurrence (or up to its
+        end, with `include_stop`)."""
         return self._text
 
     @property
@@ -174,15 +178,16 @@ class TextStream:
         return self._take(len(self._text))
 
     def _append(self, delta: str) -> None:
-        """Adds `delta` and truncates at the earliest stop string that now occurs."""
+        """Adds `delta` and truncates at the earliest stop string that now occurs (after it with
+        `include_stop`; of stop strings starting there, the shortest)."""
         if not delta:
             return
         old_len = len(self._text)
         self._text += delta
-        hits = [self._find_new(s, old_len) for s in self._stop]
-        hits = [h for h in hits if h >= 0]
+        hits = [(at, len(s)) for s in self._stop if (at := self._find_new(s, old_len)) >= 0]
         if hits:
-            self._text = self._text[: min(hits)]
+            at, length = min(hits)
+            self._text = self._text[: at + length if self._include_stop else at]
             self._stopped = True
 
     def _find_new(self, stop: str, old_len: int) -> int:

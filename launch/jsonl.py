@@ -220,7 +220,7 @@ def native_output(line: Line, completions: Sequence[Completion], has_text: bool,
 
 def _choice(c: Completion, has_text: bool, echo=None) -> dict:
     """`echo`: None, or the tokenizer that gives the prompt's text to put before the output text."""
-    text = (prompt_text(c, echo) + c.text if echo is not None else c.text) if has_text else None
+    text = (prompt_text(c.prompt_token_ids, echo) + c.text if echo is not None else c.text) if has_text else None
     out = {"text": text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
     if c.logprobs is not None:
         out["logprobs"] = [_logprob(lp) for lp in c.logprobs]

@@ -5,9 +5,9 @@ OpenAI's sampling fields (`max_tokens`, `temperature`, `top_p`, `n`, `stop`, `se
 `frequency_penalty`, `logprobs`, `echo`) plus the extras `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`,
 `stop_token_ids`, and vLLM's extra fields (`launch.vllm_api.split_extras`: `prompt_logprobs`, `min_tokens`,
 ...). `echo` puts the prompt before each choice's text and its tokens' logprobs before the generated ones
-(`launch/completion_echo.py`); with echo, `max_tokens` may be 0 (the prompt alone). Features this engine
-lacks (`suffix`, `logit_bias`, `best_of != n`, echo while streaming) are rejected by name; unknown fields
-are ignored with a warning in the log, as vLLM does.
+(`launch/completion_echo.py`; a stream echoes in each choice's first chunk); with echo, `max_tokens` may
+be 0 (the prompt alone). Features this engine lacks (`suffix`, `logit_bias`, `best_of != n`) are rejected
+by name; unknown fields are ignored with a warning in the log, as vLLM does.
 
 Invariant: every rejection is an `ApiError` whose `param` names the offending request field, so the
 server can answer OpenAI's error object `{"error": {"message", "type", "param", "code"}}`.
@@ -20,10 +20,11 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 
+from engine.request_stream import Delta
 from engine.requests import Completion, TokenLogprob
 from engine.sampling import SamplingParams
 from engine.tokenizer import Tokenizer
-from launch.completion_echo import echo_logprobs, prompt_text, vllm_prompt_logprobs
+from launch.completion_echo import echo_entries, echo_logprobs, prompt_text, vllm_prompt_logprobs
 from launch.vllm_api import split_extras
 
 MAX_CHOICES = 256  # prompts x n per request: bounds the work one HTTP request can queue
@@ -91,8 +92,6 @@ def parse_completion_request(body: object) -> CompletionRequest:
         raise bad("n", f"{len(prompts)} prompts x n={params.n} is {len(prompts) * params.n} completions; "
                        f"at most {MAX_CHOICES} per request")
     stream, include_usage, continuous = _stream_fields(body)
-    if echo and stream:
-        raise bad("echo", "echo is not supported with stream=true; use a non-streaming request")
     return CompletionRequest(model, prompts, params, stream, include_usage, echo, continuous,
                              "prompt_logprobs" in extras)
 
@@ -230,11 +229,30 @@ def choice_fields(c: Completion, tokenizer: Tokenizer | None, echo: bool, prompt
         logprobs = echo_logprobs(c, tokenizer, logprobs_payload)
     else:
         logprobs = logprobs_payload(c.logprobs, tokenizer)
-    out = {"text": prompt_text(c, tokenizer) + c.text if echo else c.text, "finish_reason": c.finish_reason,
+    out = {"text": prompt_text(c.prompt_token_ids, tokenizer) + c.text if echo else c.text, "finish_reason": c.finish_reason,
            "logprobs": logprobs}
     if prompt_logprobs and c.prompt_logprobs is not None:
         out["prompt_logprobs"] = vllm_prompt_logprobs(c.prompt_logprobs, tokenizer, token_text)
     return out
+
+
+def stream_choice(delta: Delta, tokenizer: Tokenizer | None, offsets: dict[int, int],
+                  echo: list[int] | None = None) -> dict | None:
+    """One choice of a stream chunk, or None when the delta carries no token (a chunk per step, even when
+    its text is held back: clients see every token's arrival). `offsets`: each choice's logprob text so
+    far. `echo`: the prompt, on the choice's first delta of an echo request: the chunk starts with the
+    prompt's text and logprobs (`launch.completion_echo`)."""
+    if echo is None and not delta.text and delta.finish_reason is None and not delta.token_ids:
+        return None
+    logprobs, offset = None, offsets.get(delta.index, 0)
+    if delta.logprobs is not None and echo is not None:
+        logprobs = echo_entries(echo, delta.prompt_logprobs, delta.logprobs, tokenizer, logprobs_payload)
+    elif delta.logprobs is not None:
+        logprobs = logprobs_payload(delta.logprobs, tokenizer, offset)
+    if logprobs is not None:
+        offsets[delta.index] = offset + sum(len(t) for t in logprobs["tokens"])
+    text = delta.text if echo is None else prompt_text(echo, tokenizer) + delta.text
+    return {"index": delta.index, "text": text, "logprobs": logprobs, "finish_reason": delta.finish_reason}
 
 
 def stream_chunk(cid: str, model: str, choices: list[dict], usage_: dict | None = None) -> dict:

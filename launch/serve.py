@@ -34,12 +34,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
-from engine.async_engine import AsyncEngine, Delta, EngineClosedError, QueueFullError, RequestError, RequestStream
+from engine.async_engine import AsyncEngine, EngineClosedError, QueueFullError, RequestError, RequestStream
 from engine.config import DTYPES, EngineConfig
 from engine.requests import Completion
 from launch.engine_flags import EngineLoadError, add_engine_flags, engine_options, load_engine
-from launch.openai_api import (ApiError, CompletionRequest, bad, bad_field, completion_body, logprobs_payload,
-                               new_completion_id, parse_completion_request, stream_chunk, usage)
+from launch.openai_api import (ApiError, CompletionRequest, bad, bad_field, completion_body, new_completion_id,
+                               parse_completion_request, stream_chunk, stream_choice, usage)
 from launch.server_limits import ServerLimits, add_limit_flags, check_request, install_guards, limits_from_args, \
     uvicorn_options
 from launch.server_metrics import CONTENT_TYPE, ServerMetrics
@@ -194,12 +194,15 @@ async def _collect_unless_disconnected(server: Server, handle: RequestStream,
 async def _sse(server: Server, cid: str, req: CompletionRequest, handle: RequestStream,
                outcome: dict) -> AsyncIterator[str]:
     """The event stream; a disconnect cancels it (the response's background task aborts what is left)."""
-    offsets, finished = {}, {}
+    offsets, finished, echoed = {}, {}, set()
     prompt_tokens = sum(len(p) for p in handle.prompt_token_ids[:: req.params.n])
     generated = 0
     try:
         async for delta in handle:
-            choice = _stream_choice(server, delta, offsets)
+            echo = req.echo and delta.index not in echoed
+            echoed.add(delta.index)
+            choice = stream_choice(delta, server.tokenizer, offsets,
+                                   handle.prompt_token_ids[delta.index] if echo else None)
             generated += len(delta.token_ids)
             if delta.completion is not None:
                 finished[delta.index] = delta.completion
@@ -224,18 +227,6 @@ async def _sse(server: Server, cid: str, req: CompletionRequest, handle: Request
     yield "data: [DONE]\n\n"
 
 
-def _stream_choice(server: Server, delta: Delta, offsets: dict[int, int]) -> dict | None:
-    """One choice of a chunk, or None when the delta carries no token (a chunk per step, even when its
-    text is held back: clients see every token's arrival)."""
-    if not delta.text and delta.finish_reason is None and not delta.token_ids:
-        return None
-    logprobs = None
-    if delta.logprobs is not None:
-        logprobs = logprobs_payload(delta.logprobs, server.tokenizer, offsets.get(delta.index, 0))
-        offsets[delta.index] = offsets.get(delta.index, 0) + sum(len(t) for t in logprobs["tokens"])
-    return {"index": delta.index, "text": delta.text, "logprobs": logprobs, "finish_reason": delta.finish_reason}
-
-
 def _event(payload: dict) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
@@ -258,6 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="as Engine.from_pretrained: auto, safetensors, dummy (random weights of the model's shape)")
     p.add_argument("--no-warmup", dest="warmup", action="store_false",
                    help="skip compiling every program before serving (the first requests compile instead)")
+    p.add_argument("--warmup-scoring", action="store_true",
+                   help="also compile the scoring prefill programs before serving (echo / prompt_logprobs requests, "
+                        "e.g. lm-eval log-likelihoods; they roughly double the prefill compile time); unset: each "
+                        "compiles on its first scoring call")
     e = p.add_argument_group("engine (EngineConfig fields; default: EngineConfig's)")
     e.add_argument("--dtype", choices=DTYPES, default=EngineConfig.dtype)
     add_engine_flags(e, ENGINE_FLAGS)
@@ -283,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", e)
         return 1
     if args.warmup:
-        engine.warmup()
+        engine.warmup(score=args.warmup_scoring)
     import jax
 
     device = f"{jax.devices()[0].device_kind} x{jax.device_count()}"

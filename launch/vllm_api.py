@@ -29,10 +29,10 @@ log = logging.getLogger("launch.serve")
 # holds any; the first token is always generated, so min_tokens <= 1 is always met).
 HONOURED = {
     "add_special_tokens": (True, False), "skip_special_tokens": (True,), "spaces_between_special_tokens": (True,),
-    "include_stop_str_in_output": (False,), "min_tokens": (0, 1), "truncate_prompt_tokens": (None,),
+    "min_tokens": (0, 1), "truncate_prompt_tokens": (None,),
     "use_beam_search": (False,), "length_penalty": (1, 1.0), "detokenize": (True,),
 }
-PASSED_ON = ("prompt_logprobs",)  # vLLM fields that are SamplingParams fields of the same meaning
+PASSED_ON = ("prompt_logprobs", "include_stop_str_in_output")  # vLLM fields that are SamplingParams fields of the same meaning
 
 
 def split_extras(body: Mapping, known: set[str]) -> tuple[dict, dict]:

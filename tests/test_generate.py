@@ -170,6 +170,10 @@ def test_stop_string_across_token_boundary(engine):
     deltas = list(engine.stream(prompt, params))
     assert "".join(deltas) == stopped.text
     assert not any(stop in d for d in deltas)
+    kept = dataclasses.replace(params, include_stop_str_in_output=True)
+    with_stop = engine.generate(prompt, kept)[0]
+    assert with_stop.text == greedy.text[:cut + len(stop)] and with_stop.token_ids == stopped.token_ids
+    assert "".join(engine.stream(prompt, kept)) == with_stop.text
 
 
 def test_stop_token_ids_finish_with_stop(engine):

@@ -16,7 +16,7 @@ from tests.test_serve import running_server
 httpx = pytest.importorskip("httpx")
 
 FLAGS = ["--max-slots", "4", "--max-seq-len", "64", "--decode-steps", "4", "--prefill-buckets", "16,64",
-         "--prefill-token-budget", "64", "--log-level", "WARNING"]
+         "--prefill-token-budget", "64", "--warmup-scoring", "--log-level", "WARNING"]
 MC = [{"question": "The sky is", "choices": [" blue", " green", " made of cheese"], "answer": 0},
       {"question": "Two plus two is", "choices": [" four", " five"], "answer": 0},
       {"question": "Paris is the capital of", "choices": [" France", " Spain", " Italy", " the moon"], "answer": 0},
@@ -130,6 +130,27 @@ def test_echo_logprobs_and_max_tokens_zero(server):
     assert _complete(url, prompt=prompt, echo=True, max_tokens=0).json()["choices"][0]["logprobs"] is None
 
 
+def _stream(url: str, **body) -> list[dict]:
+    with httpx.stream("POST", f"{url}/v1/completions", json={"temperature": 0, "stream": True, **body},
+                      timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        return [json.loads(line[6:])["choices"][0] for line in r.iter_lines() if line.startswith("data: {")]
+
+
+@pytest.mark.parametrize("max_tokens", [0, 3])
+def test_echo_streams_like_the_full_response(server, max_tokens):
+    url, _, _ = server
+    body = dict(prompt="The quick brown fox", echo=True, logprobs=2, max_tokens=max_tokens)
+    full = _complete(url, **body).json()["choices"][0]
+    chunks = _stream(url, **body)
+    assert chunks[0]["text"].startswith(body["prompt"]) and chunks[0]["logprobs"]["token_logprobs"][0] is None
+    assert "".join(c["text"] for c in chunks) == full["text"] and chunks[-1]["finish_reason"] == full["finish_reason"]
+    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert [x for c in chunks if c["logprobs"] for x in c["logprobs"][key]] == full["logprobs"][key], key
+    plain = _stream(url, **{**body, "logprobs": None})
+    assert "".join(c["text"] for c in plain) == full["text"] and all(c["logprobs"] is None for c in plain)
+
+
 def test_vllm_fields_prompt_logprobs_and_unknown_fields(server):
     url, _, log = server
     tok = Tokenizer.gpt2()
@@ -142,7 +163,13 @@ def test_vllm_fields_prompt_logprobs_and_unknown_fields(server):
         assert min(e["rank"] or 1 for e in entry.values()) == 1
     log.flush()
     assert "ignoring unknown completion field 'frobnicate'" in open(log.name).read()
-    for field, value in (("min_tokens", 4), ("include_stop_str_in_output", True), ("prompt_logprobs", 50)):
+    full = _complete(url, prompt=ids, max_tokens=8, temperature=0).json()["choices"][0]["text"]
+    stop = full[2:4]
+    cut = _complete(url, prompt=ids, max_tokens=8, temperature=0, stop=[stop]).json()["choices"][0]["text"]
+    kept = _complete(url, prompt=ids, max_tokens=8, temperature=0, stop=[stop],
+                     include_stop_str_in_output=True).json()["choices"][0]["text"]
+    assert kept == cut + stop == full[: full.index(stop) + len(stop)]
+    for field, value in (("min_tokens", 4), ("include_stop_str_in_output", "yes"), ("prompt_logprobs", 50)):
         r = _complete(url, prompt="x", **{field: value})
         assert r.status_code == 400 and r.json()["error"]["param"] == field, r.json()
 

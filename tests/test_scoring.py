@@ -3,11 +3,14 @@ exact against HF's `log_softmax(logits)` gathered at the next token, a prompt pa
 it does alone, scoring leaves generation unchanged, and with `warmup(score=True)` nothing recompiles."""
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
 
+from engine import scoring
 from engine.engine import Engine
 from engine.sampling import SamplingParams
 from tests.checkpoints import make_tiny_checkpoint
@@ -39,15 +42,16 @@ def hf_logprobs(checkpoint, ids: list[int]) -> torch.Tensor:
         return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
 
 
-def test_score_matches_hf_log_softmax(engine, checkpoint):
+@pytest.mark.parametrize("top_n", [0, 1, 3])  # the three ways top entries are computed (engine.scoring)
+def test_score_matches_hf_log_softmax(engine, checkpoint, top_n):
     batch = prompts()
-    scored = engine.score(batch, top_n=3)
+    scored = engine.score(batch, top_n=top_n)
     for ids, entries in zip(batch, scored):
         assert len(entries) == len(ids) and entries[0] is None
         ref = hf_logprobs(checkpoint, ids)
         for j, e in enumerate(entries[1:], start=1):
             assert e.token_id == ids[j] and abs(e.logprob - ref[j - 1, ids[j]].item()) <= 1e-4
-            values, top = torch.topk(ref[j - 1], 3)
+            values, top = torch.topk(ref[j - 1], top_n)
             assert [t for t, _ in e.top] == top.tolist()
             assert np.allclose([v for _, v in e.top], values.numpy(), atol=1e-4)
 
@@ -55,7 +59,7 @@ def test_score_matches_hf_log_softmax(engine, checkpoint):
 def test_packed_prompts_score_as_alone(engine, monkeypatch):
     calls = []
     original = engine.runner.score_prefill
-    monkeypatch.setattr(engine.runner, "score_prefill", lambda rows: calls.append(rows) or original(rows))
+    monkeypatch.setattr(engine.runner, "score_prefill", lambda rows, top: calls.append(rows) or original(rows, top))
     batch = prompts(1)
     together = engine.score(batch, top_n=2)
     prompts_per_call = [len({s for s in c.segments.ravel().tolist() if s < len(c.lengths)}) for c in calls]
@@ -83,6 +87,14 @@ def test_scoring_leaves_generation_unchanged_and_compiles_nothing(engine):
     only = engine.generate(batch[:2], SamplingParams(max_new_tokens=0, prompt_logprobs=0))
     assert [(c.token_ids, c.finish_reason, c.text) for c in only] == [([], "length", "")] * 2
     assert engine.runner.trace_count == traces
+
+
+def test_top_one_breaks_ties_like_top_k():
+    logits = jnp.array([[0.0, 3.0, 1.0, 3.0], [-jnp.inf, 2.0, 2.0, 2.0], [5.0, 5.0, -1.0, 0.0]])
+    values, ids = scoring._top_one(logits)
+    want_values, want_ids = jax.lax.top_k(logits, 1)
+    assert ids[:, 0].tolist() == want_ids[:, 0].tolist() == [1, 1, 0]
+    assert values[:, 0].tolist() == want_values[:, 0].tolist()
 
 
 @pytest.mark.parametrize("fields, field", [(dict(max_new_tokens=0), "max_new_tokens"),

@@ -171,6 +171,14 @@ def test_two_stops_completed_by_one_token_pick_earliest_start(tok):
     assert stream.finish() == "xx hel"
 
 
+def test_include_stop_keeps_the_earliest_stop_string(tok):
+    stream = TextStream(tok, ["world", "lo wor", "lo"], include_stop=True)
+    hits = [stream.push(i) for i in tok.encode("xx hello world and more")]
+    assert hits.index(True) == len(tok.encode("xx hello")) - 1
+    assert stream.text == "xx hello"  # "lo" and "lo wor" start at the same place: the shorter one ends it
+    assert stream.pop_delta() == "xx hello" and stream.finish() == ""
+
+
 def test_stop_validation(tok):
     with pytest.raises(TypeError, match="sequence of strings"):
         TextStream(tok, "stop")
