@@ -171,6 +171,11 @@ class KVCache:
     def copy_slot(self, src, dst) -> KVCache:
         """Slot dst takes slot src's K/V and length (traced slot indices, any groups): one program for every
         pair. Each block array gives one row (the source's group counts) and takes one row, in place."""
+        moved = self.copy_blocks(src, dst, len(self.k[0][0]))
+        return dataclasses.replace(moved, lengths=self.lengths.at[dst].set(self.lengths[src]))
+
+    def copy_blocks(self, src, dst, count) -> KVCache:
+        """Slot dst's first `count` blocks (traced, like the slots) take slot src's; lengths unchanged."""
         starts = [sum(self.group_sizes[:g]) for g in range(len(self.group_sizes))]
 
         def local(slot, g: int, size: int):
@@ -189,11 +194,11 @@ class KVCache:
             for g, blocks in enumerate(groups):
                 i, inside = local(dst, g, blocks[0].shape[0])
                 out.append(tuple(jax.lax.dynamic_update_index_in_dim(
-                    a, jnp.where(inside, rows[b], jax.lax.dynamic_index_in_dim(a, i, 0)), i, 0)
+                    a, jnp.where(inside & (b < count), rows[b], jax.lax.dynamic_index_in_dim(a, i, 0)), i, 0)
                     for b, a in enumerate(blocks)))
             return tuple(out)
 
-        return KVCache(tuple(map(move, self.k)), tuple(map(move, self.v)), self.lengths.at[dst].set(self.lengths[src]))
+        return KVCache(tuple(map(move, self.k)), tuple(map(move, self.v)), self.lengths)
 
 
 def _swap(tree: Layers, layer: int, new: Groups) -> Layers:

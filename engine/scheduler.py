@@ -28,85 +28,12 @@ from collections import deque
 from collections.abc import Sequence
 
 from engine.prefill_packing import PrefillBatch, pack_prefills
+from engine.prefix_cache import BlockIndex
+from engine.prefix_plan import ExtendBatch, plan_round
 from engine.sampling import SamplingParams
+from engine.scheduler_config import SchedulerConfig
 
-__all__ = ["DecodeBatch", "PrefillBatch", "Request", "Scheduler", "SchedulerConfig", "Update"]
-
-MAX_POSITIONS = 1024
-
-
-@dataclasses.dataclass(frozen=True)
-class SchedulerConfig:
-    max_slots: int
-    max_seq_len: int
-    decode_steps: int
-    prefill_buckets: tuple[int, ...]
-    prefill_batch_sizes: dict[int, tuple[int, ...]]
-    decode_windows: tuple[int, ...]
-    eos_token_id: int | None = None
-    # Compiled decode widths: a call runs slots [0, n) for the smallest n here above the highest live
-    # slot (empty: always max_slots). Admission fills the lowest free slot, so live slots stay low.
-    decode_slot_counts: tuple[int, ...] = ()
-    # Prompts one prefill call may hold, per bucket, one entry per batch size (the program samples that
-    # many first tokens); prompts are packed several to a row when they fit. Empty: as many as rows.
-    prefill_prompts: dict[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)
-    # Cost of one attention pair relative to one token's weight matmuls (GPT-2: 4 d / (24 d^2) = 1/(6 d)):
-    # weighs a longer packed row (more prompts, quadratic attention) against a shorter one.
-    prefill_attention_cost: float = 0.0
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "prefill_buckets", tuple(self.prefill_buckets))
-        object.__setattr__(self, "decode_windows", tuple(self.decode_windows))
-        counts = tuple(sorted(set(self.decode_slot_counts) | {self.max_slots}))
-        object.__setattr__(self, "decode_slot_counts", counts)
-        sizes = {b: tuple(s) for b, s in dict(self.prefill_batch_sizes).items()}
-        object.__setattr__(self, "prefill_batch_sizes", sizes)
-        prompts = {b: tuple(dict(self.prefill_prompts).get(b, s)) for b, s in sizes.items()}
-        object.__setattr__(self, "prefill_prompts", prompts)
-        for field, problem in _config_problems(self):
-            raise ValueError(f"SchedulerConfig.{field}: {problem}")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _ascending(values: tuple, low: int, high: int) -> bool:
-    """Non-empty, ints in [low, high], strictly increasing."""
-    ints = bool(values) and all(_is_int(v) and low <= v <= high for v in values)
-    return ints and all(a < b for a, b in zip(values, values[1:]))
-
-
-def _config_problems(c: SchedulerConfig) -> list[tuple[str, str]]:
-    """Every (field, what is wrong) pair; empty when the configuration is valid."""
-    out = []
-
-    def check(field: str, ok: bool, expected: str) -> None:
-        if not ok:
-            out.append((field, f"expected {expected}, got {getattr(c, field)!r}"))
-
-    check("max_slots", _is_int(c.max_slots) and c.max_slots >= 1, "an int >= 1")
-    seq_ok = _is_int(c.max_seq_len) and 2 <= c.max_seq_len <= MAX_POSITIONS
-    check("max_seq_len", seq_ok, f"an int in [2, {MAX_POSITIONS}]")
-    check("decode_steps", _is_int(c.decode_steps) and c.decode_steps >= 1, "an int >= 1")
-    if out:
-        return out
-    check("prefill_buckets", _ascending(c.prefill_buckets, 1, c.max_seq_len),
-          f"strictly increasing ints in [1, max_seq_len={c.max_seq_len}]")
-    missing = [b for b in c.prefill_buckets if b not in c.prefill_batch_sizes]
-    check("prefill_batch_sizes", not missing and all(_ascending(s, 1, 2**31) for s in c.prefill_batch_sizes.values()),
-          f"a strictly increasing tuple of ints >= 1 for every bucket (missing buckets: {missing})")
-    caps_ok = all(len(c.prefill_prompts[b]) == len(s) and all(_is_int(p) and p >= n for p, n in zip(c.prefill_prompts[b], s))
-                  for b, s in c.prefill_batch_sizes.items() if b in c.prefill_prompts)
-    check("prefill_prompts", caps_ok, "for each bucket, one int >= its batch size per entry of prefill_batch_sizes")
-    windows_ok = _ascending(c.decode_windows, 1, c.max_seq_len) and c.decode_windows[-1] == c.max_seq_len
-    check("decode_windows", windows_ok, f"strictly increasing ints ending with max_seq_len={c.max_seq_len}")
-    check("decode_slot_counts", _ascending(c.decode_slot_counts, 1, c.max_slots),
-          f"ints in [1, max_slots={c.max_slots}]")
-    check("eos_token_id", c.eos_token_id is None or (_is_int(c.eos_token_id) and c.eos_token_id >= 0),
-          "None or an int >= 0")
-    return out
-
+__all__ = ["DecodeBatch", "ExtendBatch", "PrefillBatch", "Request", "Scheduler", "SchedulerConfig", "Update"]
 
 @dataclasses.dataclass(eq=False)
 class Request:
@@ -163,6 +90,7 @@ class Scheduler:
         self._known: dict[str, Request] = {}  # request_id -> waiting or live request
         self._arrivals = 0
         self._in_flight: tuple[tuple[int, Request], ...] | None = None  # the pending decode call
+        self._prefix = BlockIndex(config.block, config.prefix_cache_max_blocks) if config.prefix_caching else None
 
     # -- queue -----------------------------------------------------------------------------------
 
@@ -217,28 +145,48 @@ class Scheduler:
 
     # -- prefill ---------------------------------------------------------------------------------
 
-    def schedule_prefills(self) -> list[PrefillBatch]:
+    def schedule_prefills(self) -> list[PrefillBatch | ExtendBatch]:
         """Admit waiting requests FIFO into free slots, then pack them into prefill calls.
 
         Requests admitted together take the free slots longest-first (prompt + max_new_tokens, ties in
         arrival order), so slots of similar length sit together: the KV cache is read per group of
         neighbouring slots, each group only as far as its longest slot, and short requests finishing
-        first leave the live ones in low slots (no compaction moves)."""
+        first leave the live ones in low slots (no compaction moves). With prefix caching the round is
+        planned by `engine.prefix_plan` (its extend call, if any, comes first: its copies read slots that
+        the prefill calls may overwrite)."""
         free = [i for i, r in enumerate(self._slots) if r is None]
         admitted = [self._waiting.popleft() for _ in range(min(len(free), len(self._waiting)))]
+        if self._prefix is not None:
+            return self._schedule_with_reuse(admitted, free)
         admitted.sort(key=lambda r: -min(r.prompt_len + r.params.max_new_tokens, self.config.max_seq_len))
         for slot, request in zip(free, admitted):
             request.slot = slot
             self._slots[slot] = request
         return pack_prefills([(r.slot, r) for r in admitted], self.config)
 
+    def _schedule_with_reuse(self, admitted: list[Request], free: list[int]) -> list[PrefillBatch | ExtendBatch]:
+        plan = plan_round(self._prefix, admitted, free, self.config)
+        self._waiting.extendleft(reversed(plan.deferred))
+        for slot, request in plan.assigned:
+            request.slot = slot
+            self._slots[slot] = request
+        batches = pack_prefills(plan.full, self.config, plan.followers)
+        return ([plan.extend] if plan.extend is not None else []) + batches
+
+    @property
+    def prefix_stats(self) -> tuple[int, int, int]:
+        """(prompt tokens admitted, of those reused, cached blocks) with prefix caching; zeros without."""
+        p = self._prefix
+        return (0, 0, 0) if p is None else (p.query_tokens, p.hit_tokens, p.cached_blocks)
+
     def bucket_for(self, prompt_len: int) -> int:
         """The smallest prefill bucket >= prompt_len (add() guarantees one exists)."""
         return self.config.prefill_buckets[bisect.bisect_left(self.config.prefill_buckets, prompt_len)]
 
-    def on_prefill_tokens(self, batch: PrefillBatch, tokens: Sequence[int],
+    def on_prefill_tokens(self, batch: PrefillBatch | ExtendBatch, tokens: Sequence[int],
                           extras: Sequence | None = None) -> list[Update]:
-        """Accept the first sampled token of each prompt; tokens (and extras) are indexed by prompt."""
+        """Accept the first sampled token of each prompt; tokens (and extras) are indexed by prompt. The
+        call succeeded: with prefix caching, each slot now holds its prompt's full blocks."""
         if len(tokens) not in (len(batch.rows), batch.capacity):
             raise ValueError(f"on_prefill_tokens: got {len(tokens)} tokens for a batch of {len(batch.rows)} "
                              f"prompts (capacity {batch.capacity}); pass one token per prompt")
@@ -246,6 +194,8 @@ class Scheduler:
         for row, (slot, request) in enumerate(batch.rows):
             if self._slots[slot] is not request or request.output_token_ids:
                 continue  # aborted in flight (or already reported)
+            if self._prefix is not None:
+                self._prefix.hold(slot, request.prompt_token_ids)
             if request.params.max_new_tokens == 0:  # scoring only: the sampled token is dropped
                 self._finish(request, "length")
                 updates.append(Update(request, [], True))
@@ -274,6 +224,10 @@ class Scheduler:
         for src, dst in moves:
             request, self._slots[src] = self._slots[src], None
             self._slots[dst], request.slot = request, dst
+            if self._prefix is not None:  # dst takes src's blocks; src keeps its copy, free
+                self._prefix.claim(dst)
+                self._prefix.copy(src, dst)
+                self._prefix.release(src)
         return moves
 
     def cache_len(self, request: Request) -> int:
@@ -377,5 +331,9 @@ class Scheduler:
         request.finish_reason = reason
         if request.slot is not None:
             self._slots[request.slot] = None
+            if self._prefix is not None and reason == "error":  # its K/V may be partly written: forgotten
+                self._prefix.claim(request.slot)
+            elif self._prefix is not None:
+                self._prefix.release(request.slot)
             request.slot = None
         self._known.pop(request.request_id, None)
