@@ -2,13 +2,16 @@
 
 The scheduler owns which request sits in which of the `max_slots` cache slots, which prefill programs
 (bucket, row count) run next, which attention window a decode call uses, and when a request finishes.
-The runner owns the device; a `PrefillBatch` / `DecodeBatch` dataclass is all that passes between them.
+The runner owns the device; a `PrefillBatch` / `ExtendBatch` / `DecodeBatch` dataclass is all that passes
+between them. Config in `engine.scheduler_config`, the dataclasses in `engine.scheduler_types`.
 
 Invariants:
 - A request is in exactly one place: the FIFO waiting queue, one slot, or finished (then `slot` is None).
 - Admission is FIFO; requests admitted in one round take the lowest free slots, longest first. A slot is
   free again the moment its request finishes or is aborted, so the next `schedule_prefills` can refill
-  it (continuous batching).
+  it (continuous batching). With prefix caching (`engine.prefix_plan`), a cache hit may take the free slot
+  holding its blocks instead, and a prompt sharing a block with one admitted in the same round goes back
+  to the head of the queue for one round (it then copies that block instead of computing it).
 - A live, prefilled slot holds `prompt_len + len(output_token_ids) - 1` cache positions: the newest
   sampled token is pending, fed by the next decode call, which advances every decoded slot `k` positions.
 - A request with `max_new_tokens == 0` (scoring only) finishes ("length") at its prefill with no token.
@@ -23,63 +26,16 @@ Invariants:
 from __future__ import annotations
 
 import bisect
-import dataclasses
 from collections import deque
 from collections.abc import Sequence
 
 from engine.prefill_packing import PrefillBatch, pack_prefills
 from engine.prefix_cache import BlockIndex
 from engine.prefix_plan import ExtendBatch, plan_round
-from engine.sampling import SamplingParams
 from engine.scheduler_config import SchedulerConfig
+from engine.scheduler_types import DecodeBatch, Request, Update
 
 __all__ = ["DecodeBatch", "ExtendBatch", "PrefillBatch", "Request", "Scheduler", "SchedulerConfig", "Update"]
-
-@dataclasses.dataclass(eq=False)
-class Request:
-    """One generation request; mutated in place by the scheduler as tokens arrive."""
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    seed: int
-    text_stream: object | None = None  # duck-typed: push(token_id) -> bool (True: a stop string matched)
-    # The request's per-slot sampling row and PRNG key data, computed when it is made (opaque here).
-    slot_row: object | None = None
-    key_data: object | None = None
-    output_token_ids: list[int] = dataclasses.field(default_factory=list)
-    output_extras: list = dataclasses.field(default_factory=list)
-    prompt_logprobs: list | None = None  # set by the prefill of a `params.prompt_logprobs` request
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
-    error: str | None = None  # why, when finish_reason is "error"
-    slot: int | None = None
-    arrival: int = -1  # admission order, set by Scheduler.add
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    @property
-    def prompt_len(self) -> int:
-        return len(self.prompt_token_ids)
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodeBatch:
-    window: int  # attention window: covers every decoded slot's cache length + decode_steps (capped)
-    slots: tuple[int, ...]  # prefilled live slots, ascending
-    num_slots: int = 0  # the call decodes slots [0, num_slots): one of decode_slot_counts, > max(slots)
-    # Per slot of `slots`: the cache positions it reads up to in this call (derived from the slots'
-    # requests, so not part of equality).
-    reach: tuple[int, ...] = dataclasses.field(default=(), compare=False)
-
-
-@dataclasses.dataclass
-class Update:
-    """The tokens one request accepted from one prefill or decode call (for streaming)."""
-    request: Request
-    new_token_ids: list[int]
-    finished: bool
-    new_extras: list = dataclasses.field(default_factory=list)
 
 
 class Scheduler:
