@@ -43,6 +43,11 @@ class Stats:
     skipped: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0
+    # Prefix reuse (engine.prefix_cache): prompt tokens admitted, of those reused (forked or copied from
+    # cached blocks), and the blocks cached at the end.
+    prefix_queried: int = 0
+    prefix_reused: int = 0
+    cached_blocks: int = 0
     started: float = dataclasses.field(default_factory=time.perf_counter)
 
     @property
@@ -53,7 +58,12 @@ class Stats:
         s = self.elapsed
         return (f"lines: {self.ok} ok, {self.failed} failed, {self.skipped} skipped (already answered) | "
                 f"tokens: {self.prompt_tokens} prompt, {self.generated_tokens} generated | wall {s:.1f} s | "
-                f"{self.generated_tokens / s:.1f} generated tokens/s, {(self.ok + self.failed) / s:.2f} lines/s")
+                f"{self.generated_tokens / s:.1f} generated tokens/s, {(self.ok + self.failed) / s:.2f} lines/s | "
+                f"prefix cache: {self.hit_rate:.0%} of prompt tokens reused, {self.cached_blocks} blocks cached")
+
+    @property
+    def hit_rate(self) -> float:
+        return self.prefix_reused / self.prefix_queried if self.prefix_queried else 0.0
 
 
 @dataclasses.dataclass
@@ -73,6 +83,7 @@ class BatchJob:
         self.stats = Stats()
         self._answered = writer.done  # keys in the output before this run (read-only)
         self._seen: set[str] = set()  # keys admitted in this run
+        self._prefix = engine.scheduler.prefix_stats  # the engine's counters before this job
 
     def run(self, lines: Iterable[tuple[int, bytes]]) -> Stats:
         pending: deque[_Pending] = deque()
@@ -87,6 +98,8 @@ class BatchJob:
             self._write_ready(pending)
             if pending:
                 self._step()
+        queried, reused, self.stats.cached_blocks = self.engine.scheduler.prefix_stats
+        self.stats.prefix_queried, self.stats.prefix_reused = queried - self._prefix[0], reused - self._prefix[1]
         return self.stats
 
     def _admit(self, line_no: int, raw: bytes) -> _Pending | None:
