@@ -7,6 +7,8 @@ bucket, and runs one prefill program per group (prompt forward, K/V insert, firs
 device); (2) runs one decode program that advances every live slot k tokens; (3) hands the returned int
 arrays to the scheduler, which appends tokens, detects eos / stop tokens / stop strings / length, and
 frees slots at once so the next step refills them. Text is detokenised incrementally per request.
+With prefix caching (default), step (1) also forks identical prompts from one prefill and resumes prompts
+that start with cached K/V blocks after them (`engine.prefix_plan`); results are the same either way.
 Scoring (`score`, or `SamplingParams.prompt_logprobs` on any request) takes the same path: its prompts are
 packed into the same batched prefill calls, which then also score every prompt token (`engine.scoring`).
 

@@ -96,7 +96,8 @@ def test_a_hit_reuses_a_free_holder_in_place():
     sched.add(req("c", PREFIX + [2, 3]))
     sched.add(req("d", PREFIX + [4, 5]))
     batches = run_round(sched)
-    ext = next(b for b in batches if isinstance(b, ExtendBatch))
+    ext = batches[0]  # first: its copies read slots that the round's prefill calls may overwrite
+    assert isinstance(ext, ExtendBatch) and all(isinstance(b, PrefillBatch) for b in batches[1:])
     assert [(s, r.request_id) for s, r in ext.rows] == [(0, "c"), (2, "d")] and ext.starts == (8, 8)
     assert ext.copies == ((0, 2, 2),)  # d copies c's blocks before c's extend overwrites anything
     assert sched.request_at(1).request_id == "b"
