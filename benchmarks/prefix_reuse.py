@@ -57,6 +57,9 @@ def main(argv=None) -> None:
     p.add_argument("--model", default="gpt2")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--workloads", default="shared,fork")
+    p.add_argument("--shared-prompts", type=int, default=32, help="prompts of the shared-prefix workload")
+    p.add_argument("--skip-untimed", action="store_true",
+                   help="no untimed first run (programs then load from the persistent compile cache in the timed one)")
     args = p.parse_args(argv)
     from engine import Engine
 
@@ -66,13 +69,14 @@ def main(argv=None) -> None:
     rows = []
     for w, name in enumerate(args.workloads.split(",")):
         seed = 1000 * (w + 1)  # every run draws its own tokens: no workload reuses another's cached blocks
-        for on in (True, False):  # untimed, smaller (16 slots' worth): compiles the programs it meets
-            compile_s[on] += timed(engines[on], WORKLOADS[name], seed - 1, **({"count": 16} if name == "shared" else {}))[0]
+        size = {"count": args.shared_prompts} if name == "shared" else {}
+        for on in (True, False) if not args.skip_untimed else ():  # untimed: compiles the programs it meets
+            compile_s[on] += timed(engines[on], WORKLOADS[name], seed - 1, **size)[0]
         walls, same = {True: [], False: []}, True
         for r in range(args.repeats):
             out = {}
             for on in (True, False):
-                wall, tokens, out[on] = timed(engines[on], WORKLOADS[name], seed + r)
+                wall, tokens, out[on] = timed(engines[on], WORKLOADS[name], seed + r, **size)
                 walls[on].append(wall)
             same &= out[True] == out[False]  # greedy (shared) and seeded samples (fork) alike
         on_s, off_s = statistics.median(walls[True]), statistics.median(walls[False])
@@ -89,7 +93,8 @@ def main(argv=None) -> None:
     print(f"prefix cache: {hit}/{queried} prompt tokens reused ({100 * hit / max(queried, 1):.0f}%), "
           f"{blocks} blocks cached; untimed first runs (compiling) s: cached engine {compile_s[True]:.1f}, "
           f"uncached {compile_s[False]:.1f}")
-    print(json.dumps({"model": args.model, "repeats": args.repeats, "workloads": rows, "hit_tokens": hit,
+    print(json.dumps({"model": args.model, "repeats": args.repeats, "shared_prompts": args.shared_prompts,
+                      "skip_untimed": args.skip_untimed, "workloads": rows, "hit_tokens": hit,
                       "query_tokens": queried, "cached_blocks": blocks,
                       "first_run_s": {"cached": compile_s[True], "uncached": compile_s[False]}, **environment()}))
 
