@@ -45,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--decode-steps", type=int, default=16)
     p.add_argument("--max-seq-len", type=int, default=512)
     p.add_argument("--skip-hf", action="store_true", help="measure the engine only")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="prefix reuse (forks, cached blocks); W1-W3 share no prefix, so on vs off measures its overhead")
     p.add_argument("--hf-batch", type=int, default=16, help="HF batch size for the mixed workload")
     p.add_argument("--sweep-batch", default=None, help="comma list of batch sizes: W1 shape at each size")
     p.add_argument("--plot", default="benchmarks/sweep.png", help="PNG written by --sweep-batch")
@@ -152,13 +154,15 @@ def main(argv=None) -> None:
     max_seq_len = max(args.max_seq_len, need)
     t0 = time.perf_counter()
     engine = Engine.from_pretrained(args.model, load_format="dummy", dtype=args.dtype, max_slots=args.max_slots,
-                                    decode_steps=args.decode_steps, max_seq_len=max_seq_len)
+                                    decode_steps=args.decode_steps, max_seq_len=max_seq_len,
+                                    enable_prefix_caching=args.enable_prefix_caching)
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     engine.warmup()
     compile_s = time.perf_counter() - t0
     print(f"loaded in {load_s:.1f}s, compiled in {compile_s:.1f}s", file=sys.stderr)
     result = {"model": args.model, "dtype": args.dtype, "max_slots": args.max_slots,
+              "enable_prefix_caching": args.enable_prefix_caching,
               "decode_steps": args.decode_steps, "max_seq_len": max_seq_len, "compile_s": compile_s,
               "load_s": load_s, **environment()}
     if args.sweep_batch:

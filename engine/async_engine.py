@@ -288,6 +288,7 @@ class AsyncEngine:
         with self._lock:
             self._stats.scheduler_waiting = self.engine.scheduler.num_waiting
             self._stats.live_slots = self.engine.scheduler.num_live
+            self._stats.prefix = self.engine.scheduler.prefix_stats
 
     def _fail_all(self, error: EngineClosedError) -> None:
         """End every live request and every still-queued submission with `error`."""

@@ -111,8 +111,9 @@ DTYPES = ("float32", "bfloat16")
 
 
 # Programs `Engine.warmup` compiles for the default EngineConfig on a 1024-position model (README
-# "Start-up and compilation"): 17 prefill (bucket x rows), 8 decode (4 windows x 2 widths), 1 row move.
-DEFAULT_PROGRAMS = 26
+# "Start-up and compilation"): 17 prefill (bucket x rows), 8 decode (4 windows x 2 widths), 1 row move,
+# and for prefix caching 2 extend (suffix buckets 32 and 128) and 1 block copy.
+DEFAULT_PROGRAMS = 29
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +128,11 @@ class EngineConfig:
     dtype: str = "float32"
     mesh: str | None = None
     seed: int | None = None  # engine-level seed for requests without their own
+    # Prefix reuse (engine.prefix_cache): n > 1 forks one prefill, and full cache blocks of finished
+    # prompts stay cached in free slots for later prompts that start with them.
+    enable_prefix_caching: bool = True
+    prefix_cache_max_blocks: int | None = None  # cached blocks kept in free slots (None: all of them)
+    prefix_extend_buckets: tuple[int, ...] = (32, 128)  # suffix lengths compiled for resuming a cached prompt
 
     def __post_init__(self) -> None:
         for field in ("max_slots", "max_seq_len", "decode_steps", "prefill_token_budget"):
@@ -139,6 +145,10 @@ class EngineConfig:
         if not buckets or buckets[0] < 1:
             raise ValueError(f"EngineConfig.prefill_buckets: expected positive ints, got {self.prefill_buckets!r}")
         object.__setattr__(self, "prefill_buckets", buckets)
+        object.__setattr__(self, "prefix_extend_buckets", tuple(sorted(set(self.prefix_extend_buckets))))
+        budget = self.prefix_cache_max_blocks
+        if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 0):
+            raise ValueError(f"EngineConfig.prefix_cache_max_blocks: expected None or an int >= 0, got {budget!r}")
 
     def resolved_buckets(self) -> tuple[int, ...]:
         """Prefill buckets clipped to the context, always ending with one that holds the longest prompt."""
@@ -161,6 +171,15 @@ class EngineConfig:
         one per 2 x smallest-bucket tokens, at least one per row, at most the slots; per `data` shard."""
         granule, rows = 2 * self.prefill_buckets[0], rows // data
         return data * min(self.max_slots // data, max(rows, rows * bucket // granule))
+
+    def extend_buckets(self, block: int) -> tuple[int, ...] | None:
+        """Suffix buckets compiled for prefix-cache hits (empty when no prompt can fill a block before its
+        last token); None with prefix caching off (then no fork or block copy either)."""
+        if not self.enable_prefix_caching:
+            return None
+        if self.max_seq_len <= block + 1:
+            return ()
+        return tuple(b for b in self.prefix_extend_buckets if 1 <= b < self.max_seq_len)
 
     def decode_windows(self, block: int) -> tuple[int, ...]:
         """Attention windows compiled for decode (the KV cache is read in whole blocks): block x 2^i below

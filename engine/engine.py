@@ -7,6 +7,8 @@ bucket, and runs one prefill program per group (prompt forward, K/V insert, firs
 device); (2) runs one decode program that advances every live slot k tokens; (3) hands the returned int
 arrays to the scheduler, which appends tokens, detects eos / stop tokens / stop strings / length, and
 frees slots at once so the next step refills them. Text is detokenised incrementally per request.
+With prefix caching (default), step (1) also forks identical prompts from one prefill and resumes prompts
+that start with cached K/V blocks after them (`engine.prefix_plan`); results are the same either way.
 Scoring (`score`, or `SamplingParams.prompt_logprobs` on any request) takes the same path: its prompts are
 packed into the same batched prefill calls, which then also score every prompt token (`engine.scoring`).
 
@@ -98,20 +100,28 @@ class Engine:
             prefill_attention_cost=1 / (6 * self.config.n_embd),
             decode_windows=ecfg.decode_windows(block_size(self.max_seq_len)),
             decode_slot_counts=ecfg.decode_widths(data, ecfg.max_slots // self.runner.groups),
-            eos_token_id=self.config.eos_token_id)
+            eos_token_id=self.config.eos_token_id, prefix_caching=ecfg.enable_prefix_caching,
+            block=block_size(self.max_seq_len), extend_buckets=ecfg.extend_buckets(block_size(self.max_seq_len)) or (),
+            prefix_cache_max_blocks=ecfg.prefix_cache_max_blocks)
+
+    def _extend_buckets(self) -> tuple[int, ...] | None:
+        return self.engine_config.extend_buckets(block_size(self.max_seq_len))
 
     def warmup(self, score: bool = False) -> dict[str, float]:
         """Compile every program now (in parallel); afterwards no prompt length or parameter mix compiles
         again (with `score`, also the scoring prefill programs: then prompt_logprobs requests compile
         nothing either). Returns the compile seconds per program class."""
         sc = self.scheduler.config
-        return self.runner.warmup(sc.prefill_buckets, sc.decode_windows, sc.decode_slot_counts, score=score)
+        return self.runner.warmup(sc.prefill_buckets, sc.decode_windows, sc.decode_slot_counts, score=score,
+                                  extend=self._extend_buckets())
 
     @property
     def num_programs(self) -> int:
-        """How many programs `warmup` compiles for this configuration (prefill + decode + move)."""
+        """How many programs `warmup` compiles for this configuration (prefill + decode + move, and with
+        prefix caching extend + copy)."""
         sc = self.scheduler.config
-        return len(self.runner.programs(sc.prefill_buckets, sc.decode_windows, sc.decode_slot_counts))
+        return len(self.runner.programs(sc.prefill_buckets, sc.decode_windows, sc.decode_slot_counts,
+                                        extend=self._extend_buckets()))
 
     def score(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
               top_n: int = 0) -> list[list[TokenLogprob | None]]:

@@ -172,29 +172,33 @@ class KVCache:
     def copy_slot(self, src, dst) -> KVCache:
         """Slot dst takes slot src's K/V and length (traced slot indices, any groups): one program for every
         pair. Each block array gives one row (the source's group counts) and takes one row, in place."""
+        moved = self.copy_blocks(src, dst, len(self.k[0][0]))
+        return dataclasses.replace(moved, lengths=self.lengths.at[dst].set(self.lengths[src]))
+
+    def copy_blocks(self, src, dst, count) -> KVCache:
+        """Slot dst's first `count` blocks (traced, like the slots) take slot src's; lengths unchanged. Only
+        the rows involved are read and written (`lax.switch` / `lax.cond` on the slots' groups and on the
+        block index): a select over every group would stream the whole cache per call."""
         starts = [sum(self.group_sizes[:g]) for g in range(len(self.group_sizes))]
 
-        def local(slot, g: int, size: int):
-            return jnp.clip(slot - starts[g], 0, size - 1), (slot >= starts[g]) & (slot < starts[g] + size)
+        def group_of(slot):
+            return sum((slot >= s).astype(jnp.int32) for s in starts[1:]) if len(starts) > 1 else jnp.int32(0)
+
+        src_g, dst_g = group_of(src), group_of(dst)
+        src_i, dst_i = src - jnp.asarray(starts)[src_g], dst - jnp.asarray(starts)[dst_g]
 
         def move(groups: Groups) -> Groups:
-            rows = []
+            out = [list(g) for g in groups]
             for b in range(len(groups[0])):
-                row = None
-                for g, blocks in enumerate(groups):
-                    i, inside = local(src, g, blocks[b].shape[0])
-                    r = jax.lax.dynamic_index_in_dim(blocks[b], i, 0)
-                    row = r if row is None else jnp.where(inside, r, row)
-                rows.append(row)
-            out = []
-            for g, blocks in enumerate(groups):
-                i, inside = local(dst, g, blocks[0].shape[0])
-                out.append(tuple(jax.lax.dynamic_update_index_in_dim(
-                    a, jnp.where(inside, rows[b], jax.lax.dynamic_index_in_dim(a, i, 0)), i, 0)
-                    for b, a in enumerate(blocks)))
-            return tuple(out)
+                row = jax.lax.switch(src_g, [lambda g=g: jax.lax.dynamic_index_in_dim(g[b], src_i, 0)
+                                             for g in groups])
+                for g in range(len(groups)):
+                    out[g][b] = jax.lax.cond((dst_g == g) & (b < count),
+                                             lambda a: jax.lax.dynamic_update_index_in_dim(a, row, dst_i, 0),
+                                             lambda a: a, out[g][b])
+            return tuple(tuple(g) for g in out)
 
-        return KVCache(tuple(map(move, self.k)), tuple(map(move, self.v)), self.lengths.at[dst].set(self.lengths[src]))
+        return KVCache(tuple(map(move, self.k)), tuple(map(move, self.v)), self.lengths)
 
 
 def _swap(tree: Layers, layer: int, new: Groups) -> Layers:

@@ -10,6 +10,12 @@ Programs (a fixed set, all compiled by `warmup`):
   move: copies every per-slot row (KV cache included) from one slot to another, for the scheduler's
       compaction of live requests into low slots (so N follows the number of live requests); one program
       for every pair of slots (the slot indices are inputs).
+  extend(bucket T) (prefix caching only): prompts resumed after their cached blocks. Row i is slot i (as in
+      decode), holding up to T of its prompt's remaining tokens, which attend to the slot's cache blocks in
+      place (the model's windowed path with T tokens per row; `engine.extend`); first tokens sampled and
+      per-slot state set as in prefill. One program per extend bucket, all slots, the whole context;
+  copy: slot dst's first n blocks take slot src's (traced src, dst, n: one program), cache only, for
+      prefix-cache hits and n > 1 forks;
   score-prefill(bucket T, rows B): the same prefill, also scoring every packed prompt token (the LM head of
       all B*T tokens, chunk by chunk, log-softmaxed, gathered at each token's next token in its prompt, plus
       the top-N: `engine.scoring`). A separate program, used only for calls holding a `prompt_logprobs`
@@ -38,6 +44,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from engine.config import EngineConfig, GPT2Config
+from engine.extend import ExtendRows, dummy_extend_rows
 from engine.kv_cache import CACHE_AXES, KVCache, slot_groups
 from engine.processors import process_logits, sample, top_logprobs, uses_penalties
 from engine.programs import Program, compile_all
@@ -97,6 +104,7 @@ class PrefillRows:
     params: SlotParams  # each [P]
     keys: np.ndarray  # u32[P,2]
     wants_logprobs: np.ndarray  # bool[P]
+    source: np.ndarray  # i32[P] the prompt whose tokens this entry samples after (a fork: its leader's)
 
 
 def neutral_params(rows: int) -> SlotParams:
@@ -148,6 +156,9 @@ class Runner:
         self._decode = Program("decode", self._decode_impl, donate_argnums=(1,), static_argnums=(2, 3),
                                out_shardings=outs)
         self._move = Program("move", _move_row, donate_argnums=(0,), out_shardings=self.state_shardings)
+        self._extend = Program("extend", self._extend_impl, donate_argnums=(1,), out_shardings=outs)
+        self._copy = Program("copy", KVCache.copy_blocks, donate_argnums=(0,),
+                             out_shardings=self.state_shardings.cache)
 
     def _initial_state(self, cache_dtype) -> DecodeState:
         s, v = self.ecfg.max_slots, self.cfg.padded_vocab_size
@@ -209,20 +220,25 @@ class Runner:
             hidden = hidden[rows.last]
         logits = head(hidden)
         # The prompt's tokens count as seen (repetition penalty); padding tokens are segment P: dropped.
-        seen = jnp.zeros((p, v), bool).at[rows.segments, rows.tokens].set(True, mode="drop")
+        seen = jnp.zeros((p, v), bool).at[rows.segments, rows.tokens].set(True, mode="drop")[rows.source]
         counts = jnp.zeros((p, v), jnp.int32)
         out = _sample_step(logits, rows.params, seen, counts, rows.keys, jnp.zeros(p, jnp.int32),
                            rows.wants_logprobs)
-        seen, counts = _mark(seen, counts, out.tokens)
-        put = functools.partial(_put_rows, slots)
-        state = DecodeState(
-            cache=dataclasses.replace(cache, lengths=put(cache.lengths, rows.lengths)),
-            tokens=put(state.tokens, out.tokens), steps=put(state.steps, jnp.ones(p, jnp.int32)),
-            keys=put(state.keys, rows.keys),
-            params=SlotParams(*(put(a, r) for a, r in zip(state.params, rows.params))),
-            wants_logprobs=put(state.wants_logprobs, rows.wants_logprobs),
-            seen=put(state.seen, seen), counts=put(state.counts, counts))
+        state = _store_first(state, cache, rows, out, seen, counts, slots)
         return state, (out if scored is None else (out, scored))
+
+    def _extend_impl(self, params, state: DecodeState, rows: ExtendRows, blocks):
+        self.trace_count += 1
+        s, v = rows.slots.shape[0], self.cfg.padded_vocab_size
+        logits, cache = self._model(params)(rows.tokens, rows.positions, state.cache, window=self.max_len,
+                                            blocks=blocks, select=rows.last)
+        logits = self._full_vocab(logits, "slots")
+        # Only this call's tokens count as seen: requests with a repetition penalty never extend.
+        marked = jnp.where(rows.positions < self.max_len, rows.tokens, v)  # padding: dropped
+        seen = jnp.zeros((s, v), bool).at[jnp.arange(s)[:, None], marked].set(True, mode="drop")
+        counts = jnp.zeros((s, v), jnp.int32)
+        out = _sample_step(logits, rows.params, seen, counts, rows.keys, jnp.zeros(s, jnp.int32), rows.wants_logprobs)
+        return _store_first(state, cache, rows, out, seen, counts, rows.slots), out
 
     def _decode_impl(self, params, state: DecodeState, window: int, width: int, blocks, live):
         """k steps of slots [0, width): the others are sliced off first and put back untouched after.
@@ -279,6 +295,18 @@ class Runner:
         self.state, out = self._score_prefill(_prefill_key(rows), self.params, self.state, rows, np.int32(top))
         return out
 
+    def extend(self, rows: ExtendRows) -> Sampled:
+        """Run one extend call; returns device arrays [S] (and [S, N]) indexed by slot."""
+        blocks = np.asarray(self.state.cache.group_blocks(self.ecfg.max_slots, self.max_len, rows.reach), np.int32)
+        self.state, out = self._extend(rows.tokens.shape[1], self.params, self.state, rows, blocks)
+        return out
+
+    def copy(self, copies) -> None:
+        """For each (src, dst, blocks) in order: slot dst's first `blocks` cache blocks take slot src's."""
+        for src, dst, count in copies:
+            cache = self._copy((), self.state.cache, np.int32(src), np.int32(dst), np.int32(count))
+            self.state = dataclasses.replace(self.state, cache=cache)
+
     def decode(self, window: int, width: int | None = None, reach=None) -> Sampled:
         """Run k decode steps over slots [0, width) (default all); returns device arrays [k, width] (and
         [k, width, N]). `reach` [S] (host ints, optional): the cache positions each slot reads up to in
@@ -297,9 +325,10 @@ class Runner:
             self.state = self._move((), self.state, np.int32(src), np.int32(dst))
 
     def programs(self, buckets: tuple[int, ...], windows: tuple[int, ...], widths: tuple[int, ...] = (),
-                 score: bool = False) -> list:
+                 score: bool = False, extend: tuple[int, ...] | None = None) -> list:
         """(program, key, example args) of every program the engine can run: each (bucket, rows) prefill
-        (with `score`, its scoring variant too), each (window, width) decode, and the move."""
+        (with `score`, its scoring variant too), each (window, width) decode, the move, and with `extend`
+        (prefix reuse on: its suffix buckets) each extend and the copy."""
         out = []
         for bucket in buckets:
             data = self.mesh.shape["data"]
@@ -314,17 +343,24 @@ class Runner:
                 args = (self.params, self.state, window, width, blocks, np.ones(width, bool))
                 out.append((self._decode, (window, width), args))
         out.append((self._move, (), (self.state, np.int32(0), np.int32(0))))
+        for bucket in extend or ():
+            rows = dummy_extend_rows(self.ecfg.max_slots, bucket, self.max_len)
+            blocks = np.zeros(len(self.state.cache.group_sizes), np.int32)
+            out.append((self._extend, bucket, (self.params, self.state, rows, blocks)))
+        if extend is not None:
+            out.append((self._copy, (), (self.state.cache, np.int32(0), np.int32(0), np.int32(0))))
         return out
 
     def warmup(self, buckets: tuple[int, ...], windows: tuple[int, ...], widths: tuple[int, ...] = (),
-               score: bool = False) -> dict:
+               score: bool = False, extend: tuple[int, ...] | None = None) -> dict:
         """Compile every program (in parallel; none runs): afterwards no prompt length, slot count or
         parameter mix compiles again. Returns the compile seconds per program class."""
-        return compile_all(self.programs(buckets, windows, widths, score))
+        return compile_all(self.programs(buckets, windows, widths, score, extend))
 
     @property
     def num_compiled(self) -> int:
-        return len(self._prefill) + len(self._score_prefill) + len(self._decode) + len(self._move)
+        programs = (self._prefill, self._score_prefill, self._decode, self._move, self._extend, self._copy)
+        return sum(len(p) for p in programs)
 
 
 def _prefill_key(rows: PrefillRows) -> tuple[int, int, int]:
@@ -343,9 +379,24 @@ def _put_rows(slots, target, rows):
     return target.at[slots].set(rows.astype(target.dtype), mode="drop")
 
 
+def _store_first(state: DecodeState, cache: KVCache, rows: PrefillRows | ExtendRows, out: Sampled, seen,
+                 counts, slots) -> DecodeState:
+    """The state after a prefill or extend call: each sampled row's slot (`slots`, indices into `state`;
+    out of range: dropped) takes its first token, cache length, key, parameters and seen/counts (with that
+    token)."""
+    seen, counts = _mark(seen, counts, out.tokens)
+    put = functools.partial(_put_rows, slots)
+    return DecodeState(
+        cache=dataclasses.replace(cache, lengths=put(cache.lengths, rows.lengths)),
+        tokens=put(state.tokens, out.tokens), steps=put(state.steps, jnp.ones(rows.slots.shape[0], jnp.int32)),
+        keys=put(state.keys, rows.keys), params=SlotParams(*(put(a, r) for a, r in zip(state.params, rows.params))),
+        wants_logprobs=put(state.wants_logprobs, rows.wants_logprobs),
+        seen=put(state.seen, seen), counts=put(state.counts, counts))
+
+
 def dummy_rows(size: int, bucket: int, prompts: int, num_slots: int) -> PrefillRows:
     """Padding-only rows (every slot index out of range): compiles a prefill program and changes nothing."""
     return PrefillRows(np.zeros((size, bucket), np.int32), np.zeros((size, bucket), np.int32),
                        np.full((size, bucket), prompts, np.int32), np.ones(prompts, np.int32),
                        np.zeros(prompts, np.int32), np.full(prompts, num_slots, np.int32), neutral_params(prompts),
-                       np.zeros((prompts, 2), np.uint32), np.zeros(prompts, bool))
+                       np.zeros((prompts, 2), np.uint32), np.zeros(prompts, bool), np.arange(prompts, dtype=np.int32))

@@ -2,14 +2,17 @@
 
 The scheduler owns which request sits in which of the `max_slots` cache slots, which prefill programs
 (bucket, row count) run next, which attention window a decode call uses, and when a request finishes.
-The runner owns the device; a `PrefillBatch` / `DecodeBatch` dataclass is all that passes between them.
+The runner owns the device; a `PrefillBatch` / `ExtendBatch` / `DecodeBatch` dataclass is all that passes
+between them. Config in `engine.scheduler_config`, the dataclasses in `engine.scheduler_types`.
 
 Invariants:
 - A request is in exactly one place: the FIFO waiting queue, one slot, or finished (then `slot` is None).
 - Admission is FIFO; requests admitted in one round take the lowest free slots (with `prefill_shards`,
   round-robin over the shards), longest first. A slot is
   free again the moment its request finishes or is aborted, so the next `schedule_prefills` can refill
-  it (continuous batching).
+  it (continuous batching). With prefix caching (`engine.prefix_plan`), a cache hit may take the free slot
+  holding its blocks instead, and a prompt sharing a block with one admitted in the same round goes back
+  to the head of the queue for one round (it then copies that block instead of computing it).
 - A live, prefilled slot holds `prompt_len + len(output_token_ids) - 1` cache positions: the newest
   sampled token is pending, fed by the next decode call, which advances every decoded slot `k` positions.
 - A request with `max_new_tokens == 0` (scoring only) finishes ("length") at its prefill with no token.
@@ -24,62 +27,16 @@ Invariants:
 from __future__ import annotations
 
 import bisect
-import dataclasses
 from collections import deque
 from collections.abc import Sequence
 
 from engine.prefill_packing import PrefillBatch, admission_order, pack_prefills
-from engine.sampling import SamplingParams
+from engine.prefix_cache import BlockIndex
+from engine.prefix_plan import ExtendBatch, plan_round
 from engine.scheduler_config import SchedulerConfig
+from engine.scheduler_types import DecodeBatch, Request, Update
 
-__all__ = ["DecodeBatch", "PrefillBatch", "Request", "Scheduler", "SchedulerConfig", "Update"]
-
-
-@dataclasses.dataclass(eq=False)
-class Request:
-    """One generation request; mutated in place by the scheduler as tokens arrive."""
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    seed: int
-    text_stream: object | None = None  # duck-typed: push(token_id) -> bool (True: a stop string matched)
-    # The request's per-slot sampling row and PRNG key data, computed when it is made (opaque here).
-    slot_row: object | None = None
-    key_data: object | None = None
-    output_token_ids: list[int] = dataclasses.field(default_factory=list)
-    output_extras: list = dataclasses.field(default_factory=list)
-    prompt_logprobs: list | None = None  # set by the prefill of a `params.prompt_logprobs` request
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
-    error: str | None = None  # why, when finish_reason is "error"
-    slot: int | None = None
-    arrival: int = -1  # admission order, set by Scheduler.add
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    @property
-    def prompt_len(self) -> int:
-        return len(self.prompt_token_ids)
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodeBatch:
-    window: int  # attention window: covers every decoded slot's cache length + decode_steps (capped)
-    slots: tuple[int, ...]  # prefilled live slots, ascending
-    num_slots: int = 0  # the call decodes slots [0, num_slots): one of decode_slot_counts, > max(slots)
-    # Per slot of `slots`: the cache positions it reads up to in this call (derived from the slots'
-    # requests, so not part of equality).
-    reach: tuple[int, ...] = dataclasses.field(default=(), compare=False)
-
-
-@dataclasses.dataclass
-class Update:
-    """The tokens one request accepted from one prefill or decode call (for streaming)."""
-    request: Request
-    new_token_ids: list[int]
-    finished: bool
-    new_extras: list = dataclasses.field(default_factory=list)
+__all__ = ["DecodeBatch", "ExtendBatch", "PrefillBatch", "Request", "Scheduler", "SchedulerConfig", "Update"]
 
 
 class Scheduler:
@@ -90,6 +47,7 @@ class Scheduler:
         self._known: dict[str, Request] = {}  # request_id -> waiting or live request
         self._arrivals = 0
         self._in_flight: tuple[tuple[int, Request], ...] | None = None  # the pending decode call
+        self._prefix = BlockIndex(config.block, config.prefix_cache_max_blocks) if config.prefix_caching else None
 
     # -- queue -----------------------------------------------------------------------------------
 
@@ -144,30 +102,50 @@ class Scheduler:
 
     # -- prefill ---------------------------------------------------------------------------------
 
-    def schedule_prefills(self) -> list[PrefillBatch]:
+    def schedule_prefills(self) -> list[PrefillBatch | ExtendBatch]:
         """Admit waiting requests FIFO into free slots, then pack them into prefill calls.
 
         Requests admitted together take the free slots longest-first (prompt + max_new_tokens, ties in
         arrival order), so slots of similar length sit together: the KV cache is read per group of
         neighbouring slots, each group only as far as its longest slot, and short requests finishing
-        first leave the live ones in low slots (no compaction moves)."""
+        first leave the live ones in low slots (no compaction moves). With prefix caching the round is
+        planned by `engine.prefix_plan` (its extend call, if any, comes first: its copies read slots that
+        the prefill calls may overwrite)."""
         free = admission_order([i for i, r in enumerate(self._slots) if r is None], self.config.max_slots,
                                self.config.prefill_shards)
         admitted = [self._waiting.popleft() for _ in range(min(len(free), len(self._waiting)))]
+        if self._prefix is not None:
+            return self._schedule_with_reuse(admitted, free)
         admitted.sort(key=lambda r: -min(r.prompt_len + r.params.max_new_tokens, self.config.max_seq_len))
         for slot, request in zip(free, admitted):
             request.slot = slot
             self._slots[slot] = request
         return pack_prefills([(r.slot, r) for r in admitted], self.config)
 
+    def _schedule_with_reuse(self, admitted: list[Request], free: list[int]) -> list[PrefillBatch | ExtendBatch]:
+        plan = plan_round(self._prefix, admitted, free, self.config)
+        self._waiting.extendleft(reversed(plan.deferred))
+        for slot, request in plan.assigned:
+            request.slot = slot
+            self._slots[slot] = request
+        batches = pack_prefills(plan.full, self.config, plan.followers)
+        return ([plan.extend] if plan.extend is not None else []) + batches
+
+    @property
+    def prefix_stats(self) -> tuple[int, int, int]:
+        """(prompt tokens admitted, of those reused, cached blocks) with prefix caching; zeros without."""
+        p = self._prefix
+        return (0, 0, 0) if p is None else (p.query_tokens, p.hit_tokens, p.cached_blocks)
+
     def bucket_for(self, prompt_len: int) -> int:
         """The smallest prefill bucket >= prompt_len (add() guarantees one exists)."""
         return self.config.prefill_buckets[bisect.bisect_left(self.config.prefill_buckets, prompt_len)]
 
-    def on_prefill_tokens(self, batch: PrefillBatch, tokens: Sequence[int],
+    def on_prefill_tokens(self, batch: PrefillBatch | ExtendBatch, tokens: Sequence[int],
                           extras: Sequence | None = None) -> list[Update]:
         """Accept the first sampled token of each prompt; tokens (and extras) are indexed by prompt: one per
-        entry of `batch.rows`, or the program's whole output (capacity), read at `batch.prompt_indices()`."""
+        entry of `batch.rows`, or the program's whole output (capacity), read at `batch.prompt_indices()`.
+        The call succeeded: with prefix caching, each slot now holds its prompt's full blocks."""
         if len(tokens) not in (len(batch.rows), batch.capacity):
             raise ValueError(f"on_prefill_tokens: got {len(tokens)} tokens for a batch of {len(batch.rows)} "
                              f"prompts (capacity {batch.capacity}); pass one token per prompt")
@@ -176,6 +154,8 @@ class Scheduler:
         for row, (slot, request) in zip(at, batch.rows):
             if self._slots[slot] is not request or request.output_token_ids:
                 continue  # aborted in flight (or already reported)
+            if self._prefix is not None:
+                self._prefix.hold(slot, request.prompt_token_ids)
             if request.params.max_new_tokens == 0:  # scoring only: the sampled token is dropped
                 self._finish(request, "length")
                 updates.append(Update(request, [], True))
@@ -204,6 +184,10 @@ class Scheduler:
         for src, dst in moves:
             request, self._slots[src] = self._slots[src], None
             self._slots[dst], request.slot = request, dst
+            if self._prefix is not None:  # dst takes src's blocks; src keeps its copy, free
+                self._prefix.claim(dst)
+                self._prefix.copy(src, dst)
+                self._prefix.release(src)
         return moves
 
     def cache_len(self, request: Request) -> int:
@@ -307,5 +291,9 @@ class Scheduler:
         request.finish_reason = reason
         if request.slot is not None:
             self._slots[request.slot] = None
+            if self._prefix is not None and reason == "error":  # its K/V may be partly written: forgotten
+                self._prefix.claim(request.slot)
+            elif self._prefix is not None:
+                self._prefix.release(request.slot)
             request.slot = None
         self._known.pop(request.request_id, None)

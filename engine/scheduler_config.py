@@ -1,6 +1,7 @@
-"""The scheduler's configuration (`SchedulerConfig`) and its validation: plain Python, no JAX.
+"""`SchedulerConfig`: the scheduler's static shape knobs and their validation (plain Python, no JAX).
 
-Every problem is reported by field with the value and what would be right (`_config_problems`).
+Invariant: a constructed config is valid (`__post_init__` raises ValueError naming the field otherwise), so
+the scheduler never re-checks buckets, windows or widths.
 """
 from __future__ import annotations
 
@@ -30,10 +31,17 @@ class SchedulerConfig:
     # Shards of the slot table (the mesh's `data` axis): slot s belongs to shard s // (max_slots / shards),
     # and each shard prefills only its own slots' prompts, in its own 1/shards of a call's rows and prompts.
     prefill_shards: int = 1
+    # Prefix reuse (`engine.prefix_cache`): n > 1 forks and cached full cache blocks of `block` positions,
+    # resumed by an extend call of one of `extend_buckets` suffix tokens per slot (empty: forks only).
+    prefix_caching: bool = False
+    block: int = 128
+    extend_buckets: tuple[int, ...] = ()
+    prefix_cache_max_blocks: int | None = None  # cached blocks kept in free slots (None: every one)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prefill_buckets", tuple(self.prefill_buckets))
         object.__setattr__(self, "decode_windows", tuple(self.decode_windows))
+        object.__setattr__(self, "extend_buckets", tuple(self.extend_buckets))
         counts = tuple(sorted(set(self.decode_slot_counts) | {self.max_slots}))
         object.__setattr__(self, "decode_slot_counts", counts)
         sizes = {b: tuple(s) for b, s in dict(self.prefill_batch_sizes).items()}
@@ -84,6 +92,11 @@ def _config_problems(c: SchedulerConfig) -> list[tuple[str, str]]:
     check("decode_windows", windows_ok, f"strictly increasing ints ending with max_seq_len={c.max_seq_len}")
     check("decode_slot_counts", _ascending(c.decode_slot_counts, 1, c.max_slots),
           f"ints in [1, max_slots={c.max_slots}]")
+    check("extend_buckets", not c.extend_buckets or _ascending(tuple(c.extend_buckets), 1, c.max_seq_len),
+          f"strictly increasing ints in [1, max_seq_len={c.max_seq_len}]")
+    check("block", _is_int(c.block) and c.block >= 1, "an int >= 1")
+    budget = c.prefix_cache_max_blocks
+    check("prefix_cache_max_blocks", budget is None or (_is_int(budget) and budget >= 0), "None or an int >= 0")
     check("eos_token_id", c.eos_token_id is None or (_is_int(c.eos_token_id) and c.eos_token_id >= 0),
           "None or an int >= 0")
     return out

@@ -31,6 +31,9 @@ class EngineStats:
     ttft_s: tuple[float, ...]  # recent samples, oldest first
     tpot_s: tuple[float, ...]
     running: bool
+    prefix_query_tokens: int = 0  # prompt tokens admitted with prefix caching on
+    prefix_hit_tokens: int = 0  # of those, reused (forked, or copied from cached blocks)
+    prefix_cached_blocks: int = 0  # full cache blocks held for reuse (live and free slots)
 
 
 class StatsRecorder:
@@ -40,6 +43,7 @@ class StatsRecorder:
         self.max_slots, self.window_s = max_slots, window_s
         self.scheduler_waiting = 0  # published by the engine thread after each step
         self.live_slots = 0
+        self.prefix = (0, 0, 0)  # Scheduler.prefix_stats, published by the engine thread
         self._lock = threading.Lock()
         self._started = time.perf_counter()
         self._tokens = 0
@@ -75,7 +79,7 @@ class StatsRecorder:
             span = min(self.window_s, max(now - self._started, 1e-3))
             rate = sum(n for _, n in self._recent) / span
             return EngineStats(waiting + self.scheduler_waiting, self.live_slots, self.max_slots, self._finished,
-                               self._tokens, rate, tuple(self._ttft), tuple(self._tpot), running)
+                               self._tokens, rate, tuple(self._ttft), tuple(self._tpot), running, *self.prefix)
 
     def _trim(self, now: float) -> None:
         while self._recent and self._recent[0][0] < now - self.window_s:

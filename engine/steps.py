@@ -4,7 +4,8 @@ The bridge between the pure-Python `Scheduler` and the device `Runner`: it packs
 padded host arrays, and turns the small arrays a program returns into token lists (and logprob entries,
 fetched from the device only when a request in the call asked for them). A call holding a
 `prompt_logprobs` request runs the runner's scoring prefill; each such request gets its prompt's entries
-(`engine.scoring.prompt_entries`) before the scheduler sees its first token.
+(`engine.scoring.prompt_entries`) before the scheduler sees its first token. With prefix reuse, a prefill
+call's fork copies run right after it, and an `ExtendBatch` runs its block copies, then the extend program.
 
 Failure isolation: a prefill, row-move or decode call that raises fails the requests it was running
 (`Scheduler.fail_calls`, finish_reason "error") and the step goes on; only `MAX_FAILED_CALLS` failed calls
@@ -17,10 +18,11 @@ from collections.abc import Callable
 
 import numpy as np
 
+from engine.extend import pack_extend
 from engine.requests import TokenLogprob, attach_rows
 from engine.runner import PrefillRows, Runner, Sampled, neutral_params
 from engine.sampling import SlotParams
-from engine.scheduler import DecodeBatch, PrefillBatch, Request, Scheduler, Update
+from engine.scheduler import DecodeBatch, ExtendBatch, PrefillBatch, Request, Scheduler, Update
 from engine.scoring import Scored, prompt_entries
 
 log = logging.getLogger(__name__)
@@ -33,9 +35,10 @@ class EngineFailedError(RuntimeError):
 
 def pack_prefill(batch: PrefillBatch, num_slots: int) -> PrefillRows:
     """Host arrays for a prefill call: each prompt's tokens at its (row, offset), positions counting from 0
-    per prompt; padding tokens carry segment P (the prompt capacity), padding prompts slot S (dropped).
-    With `batch.shards` > 1 each shard's part of the rows and prompts is a call of its own: segments and
-    `last` count from its first prompt and row (the program runs them per shard)."""
+    per prompt; padding tokens carry segment P (the prompt capacity), padding prompts slot S (dropped). A
+    fork (an entry at an earlier entry's place) samples from that entry's last token: its `source`.
+    With `batch.shards` > 1 each shard's part of the rows and prompts is a call of its own: segments,
+    `source` and `last` count from its first prompt and row (the program runs them per shard)."""
     rows, width, cap = batch.size, batch.bucket, batch.capacity
     local_rows, local_cap = rows // batch.shards, cap // batch.shards
     tokens = np.zeros((rows, width), np.int32)
@@ -45,20 +48,22 @@ def pack_prefill(batch: PrefillBatch, num_slots: int) -> PrefillRows:
     slots = np.full(cap, num_slots, np.int32)
     keys = np.zeros((cap, 2), np.uint32)
     wants = np.zeros(cap, bool)
-    params = [None] * cap
+    source, first, params = np.arange(cap, dtype=np.int32) % local_cap, {}, [None] * cap
     for i, (slot, req), (row, start) in zip(batch.prompt_indices(), batch.rows, batch.placement()):
         attach_rows(req)  # a no-op for requests made by RequestFactory: their rows exist since submission
         end = start + req.prompt_len
-        tokens[row, start:end] = req.prompt_token_ids
-        positions[row, start:end] = np.arange(req.prompt_len)
-        segments[row, start:end] = i % local_cap
+        source[i] = first.setdefault((row, start), i) % local_cap
+        if source[i] == i % local_cap:
+            tokens[row, start:end] = req.prompt_token_ids
+            positions[row, start:end] = np.arange(req.prompt_len)
+            segments[row, start:end] = i % local_cap
         lengths[i], last[i], slots[i] = req.prompt_len, (row % local_rows) * width + end - 1, slot
         keys[i] = req.key_data
         wants[i] = req.params.logprobs is not None
         params[i] = req.slot_row
     neutral = neutral_params(1)
     params = SlotParams(*(np.concatenate(column) for column in zip(*(p or neutral for p in params))))
-    return PrefillRows(tokens, positions, segments, lengths, last, slots, params, keys, wants)
+    return PrefillRows(tokens, positions, segments, lengths, last, slots, params, keys, wants, source)
 
 
 def _extra(req: Request | None, out: dict, index) -> TokenLogprob | None:
@@ -94,7 +99,8 @@ class StepRunner:
         returned."""
         updates = []
         for batch in self.scheduler.schedule_prefills():
-            updates += self._guarded(lambda b=batch: self._prefill(b), batch)
+            run = self._extend if isinstance(batch, ExtendBatch) else self._prefill
+            updates += self._guarded(lambda b=batch, run=run: run(b), batch)
         if on_prefill is not None and updates:
             on_prefill(updates)
             updates = []
@@ -106,7 +112,8 @@ class StepRunner:
             updates += self._guarded(lambda: self._decode(decode))
         return updates
 
-    def _guarded(self, call: Callable[[], list[Update]], prefill: PrefillBatch | None = None) -> list[Update]:
+    def _guarded(self, call: Callable[[], list[Update]],
+                 prefill: PrefillBatch | ExtendBatch | None = None) -> list[Update]:
         """Run one device call; if it raises, fail the requests it ran (see the module docstring)."""
         try:
             updates = call()
@@ -133,12 +140,20 @@ class StepRunner:
             _attach_prompt_logprobs(batch, {f: np.asarray(getattr(scored, f)) for f in Scored._fields})
         else:
             out = self.runner.prefill(rows)
+        self.runner.copy(batch.forks)
+        return self._first_tokens(batch, out, batch.prompt_indices())
+
+    def _extend(self, batch: ExtendBatch) -> list[Update]:
+        self.runner.copy(batch.copies)
+        out = self.runner.extend(pack_extend(batch, self.scheduler.config.max_slots, self.runner.max_len))
+        return self._first_tokens(batch, out, [slot for slot, _ in batch.rows])
+
+    def _first_tokens(self, batch: PrefillBatch | ExtendBatch, out: Sampled, index) -> list[Update]:
+        """Each request's first token (and extra) from `out` at index[i] for batch.rows[i]."""
+        reqs = [r for _, r in batch.rows]
         host = _fetch(out, any(r.params.logprobs is not None for r in reqs))
-        by_index = dict(zip(batch.prompt_indices(), reqs))
-        extras = None
-        if "logprob" in host:
-            extras = [_extra(by_index.get(i), host, i) for i in range(batch.capacity)]
-        return self.scheduler.on_prefill_tokens(batch, host["tokens"].tolist(), extras)
+        extras = [_extra(r, host, i) for i, r in zip(index, reqs)] if "logprob" in host else None
+        return self.scheduler.on_prefill_tokens(batch, [int(host["tokens"][i]) for i in index], extras)
 
     def _decode(self, batch: DecodeBatch) -> list[Update]:
         live = {s: self.scheduler.request_at(s) for s in batch.slots}

@@ -55,6 +55,11 @@ class Stats:
     steps: int = 0  # engine steps run
     slot_steps: int = 0  # sum over steps of the slots filled as each began
     order: OrderStats = dataclasses.field(default_factory=OrderStats)
+    # Prefix reuse (engine.prefix_cache): prompt tokens admitted, of those reused (forked or copied from
+    # cached blocks), and the blocks cached at the end.
+    prefix_queried: int = 0
+    prefix_reused: int = 0
+    cached_blocks: int = 0
     started: float = dataclasses.field(default_factory=time.perf_counter)
 
     @property
@@ -73,7 +78,12 @@ class Stats:
                 f"{self.generated_tokens / s:.1f} generated tokens/s, {(self.ok + self.failed) / s:.2f} lines/s, "
                 f"{self.busy_slots:.1f} busy slots per step | "
                 f"waiting for an earlier line: at most {self.order.peak_waiting} lines, "
-                f"{self.order.spilled_lines} spilled ({self.order.spilled_bytes / 2**20:.1f} MiB)")
+                f"{self.order.spilled_lines} spilled ({self.order.spilled_bytes / 2**20:.1f} MiB) | "
+                f"prefix cache: {self.hit_rate:.0%} of prompt tokens reused, {self.cached_blocks} blocks cached")
+
+    @property
+    def hit_rate(self) -> float:
+        return self.prefix_reused / self.prefix_queried if self.prefix_queried else 0.0
 
 
 @dataclasses.dataclass
@@ -97,6 +107,7 @@ class BatchJob:
         self._running: list[_Running] = []  # admitted lines with a request still in the engine
         self._in_engine = 0  # their requests
         self._next: tuple[int, Job] | None = None  # read and valid, waiting for room in the engine
+        self._prefix = engine.scheduler.prefix_stats  # the engine's counters before this job
 
     def run(self, lines: Iterable[tuple[int, bytes]]) -> Stats:
         source, more = iter(lines), True
@@ -110,6 +121,8 @@ class BatchJob:
                 raise RuntimeError(f"batch loop: {self.ordered.waiting} answered lines were never written")
         finally:
             self.ordered.close()
+        queried, reused, self.stats.cached_blocks = self.engine.scheduler.prefix_stats
+        self.stats.prefix_queried, self.stats.prefix_reused = queried - self._prefix[0], reused - self._prefix[1]
         return self.stats
 
     def _fill(self, source: Iterator[tuple[int, bytes]]) -> bool:

@@ -37,6 +37,11 @@ FLAGS: dict[str, dict] = {
     "prefill_token_budget": dict(type=int, help="tokens per prefill call and data shard"),
     "mesh": dict(help="device mesh, e.g. data=2,model=4"),
     "seed": dict(type=int, help="engine seed for requests without their own"),
+    "enable_prefix_caching": dict(action=argparse.BooleanOptionalAction, default=None,
+                                  help="reuse shared prompt prefixes (unset: on): n > 1 forks one prefill, and full 128-position "
+                                       "cache blocks of earlier prompts stay cached in free slots"),
+    "prefix_cache_max_blocks": dict(type=int, help="cached blocks kept in free slots (unset: all), least recently used "
+                                                   "forgotten first"),
 }
 
 

@@ -34,10 +34,22 @@ class _EngineCollector:
         counter = CounterMetricFamily("engine_generated_tokens", "Tokens generated since start")
         counter.add_metric([], s.tokens_generated)
         yield counter
+        yield _counter("engine_prefix_cache_queries", "Prompt tokens admitted with prefix caching on",
+                       s.prefix_query_tokens)
+        yield _counter("engine_prefix_cache_hits", "Prompt tokens reused: forked or copied from cached blocks",
+                       s.prefix_hit_tokens)
+        rate = s.prefix_hit_tokens / s.prefix_query_tokens if s.prefix_query_tokens else 0.0
+        yield _gauge("engine_prefix_cache_hit_rate", "Prefix cache hits / queries since start", rate)
+        yield _gauge("engine_prefix_cache_blocks", "Cache blocks of 128 positions held for prefix reuse",
+                     s.prefix_cached_blocks)
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, doc, value=value)
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, value=value)
 
 
 class ServerMetrics:

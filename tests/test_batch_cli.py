@@ -6,6 +6,7 @@ conftest), so only the first run compiles.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -115,6 +116,8 @@ def test_bad_lines_get_error_naming_the_problem(mixed):
         assert fragment in out["error"], out
         assert set(out) == ({"id", "error"} if out["id"] is not None else {"id", "line", "error"})
     assert "lines: 7 ok, 15 failed" in proc.stderr  # 5 native + 2 OpenAI ok; 11 native + 4 OpenAI failed
+    reused = re.search(r"prefix cache: (\d+)% of prompt tokens reused, (\d+) blocks cached", proc.stderr)
+    assert reused and int(reused[1]) > 0  # the n=2 line forks one prefill (blocks: none, prompts are short)
 
 
 def test_good_native_lines(mixed, batch_model):

@@ -523,15 +523,23 @@ def _imports(module) -> set[str]:
 
 
 def test_scheduler_imports_only_the_standard_library_and_sampling():
-    """The scheduler and its prefill packing stay plain Python (no JAX, no NumPy, no model)."""
+    """The scheduler, its config, prefill packing and prefix reuse planning stay plain Python (no JAX, no
+    NumPy, no model)."""
     import engine.prefill_packing
+    import engine.prefix_cache
+    import engine.prefix_plan
     import engine.scheduler
     import engine.scheduler_config
-    assert _imports(engine.scheduler) <= {"__future__", "bisect", "dataclasses", "collections", "collections.abc",
-                                          "engine.sampling", "engine.prefill_packing",
-                                          "engine.scheduler_config"}
+    import engine.scheduler_types
+    assert _imports(engine.scheduler) <= {"__future__", "bisect", "collections", "collections.abc",
+                                          "engine.prefill_packing", "engine.prefix_cache", "engine.prefix_plan",
+                                          "engine.scheduler_config", "engine.scheduler_types"}
+    assert _imports(engine.scheduler_types) <= {"__future__", "dataclasses", "engine.sampling"}
     assert _imports(engine.prefill_packing) <= {"__future__", "bisect", "dataclasses", "typing", "engine.scheduler"}
     assert _imports(engine.scheduler_config) <= {"__future__", "dataclasses"}
+    assert _imports(engine.prefix_cache) <= {"__future__", "collections", "collections.abc"}
+    assert _imports(engine.prefix_plan) <= {"__future__", "dataclasses", "typing", "engine.prefix_cache",
+                                            "engine.scheduler"}
 
 
 def test_decode_width_is_the_smallest_slot_count_above_the_highest_live_slot():

@@ -132,6 +132,7 @@ def test_openai_client_completion_seed_and_stream(served):
 
 
 def test_openai_client_n_and_prompt_lists(served):
+    before = served.metrics()
     out = served.client.completions.create(model=served.model, prompt=["One", "Two three"], n=3, max_tokens=4,
                                            seed=7)
     assert sorted(c.index for c in out.choices) == list(range(6))
@@ -143,6 +144,10 @@ def test_openai_client_n_and_prompt_lists(served):
     assert [c["text"] for c in by_ids["choices"]] == [c.text for c in out.choices]  # same tokens, same seeds
     single = served.post({"prompt": ids[1], "max_tokens": 4, "seed": 7}).json()
     assert single["choices"][0]["text"] == out.choices[3].text
+    after = served.wait_idle()  # n = 3 forks one prefill per prompt: reused prompt tokens are counted
+    hits = after["engine_prefix_cache_hits_total"] - before.get("engine_prefix_cache_hits_total", 0)
+    assert hits > 0 and 0 < after["engine_prefix_cache_hit_rate"] <= 1
+    assert after["engine_prefix_cache_queries_total"] >= hits and "engine_prefix_cache_blocks" in after
 
 
 def test_stop_string_cuts_text_in_both_modes(served):

@@ -1,0 +1,108 @@
+"""Prefix reuse never changes results: n > 1 forks and prefix-cache hits against the same engine with
+`enable_prefix_caching=False`, on one device and on a sharded mesh, and nothing compiles after warm-up."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from engine import Engine, SamplingParams
+from engine.requests import derive_seed
+from engine.sharding import make_mesh
+from tests.checkpoints import make_tiny_checkpoint
+from tests.test_sharding import assert_same_logprobs
+
+# Blocks of 128 positions: a 256-position context leaves room for prompts with one cached block.
+OPTS = dict(max_slots=4, max_seq_len=256, decode_steps=4, prefill_buckets=(32,), prefill_token_budget=256)
+RNG = np.random.default_rng(0)
+PREFIX = RNG.integers(0, 1000, 150).tolist()
+# Suffixes of 1..90 tokens (both extend buckets), two identical prompts (a fork), one unrelated prompt.
+PROMPTS = [PREFIX + RNG.integers(0, 1000, k).tolist() for k in (5, 17, 40, 90, 1)] + [PREFIX[:140]] * 2 + [
+    RNG.integers(0, 1000, 60).tolist()]
+GREEDY = SamplingParams(max_new_tokens=6, temperature=0.0, logprobs=2, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("prefix_gpt2"), seed=0, with_tokenizer=False)
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_model):
+    on = Engine.from_pretrained(tiny_model, **OPTS)
+    off = Engine.from_pretrained(tiny_model, enable_prefix_caching=False, **OPTS)
+    on.warmup(score=True)
+    return on, off
+
+
+def greedy_run(engine: Engine, prompts=PROMPTS):
+    return engine.generate(prompts, GREEDY)
+
+
+def assert_same(got, want) -> None:
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    for g, w in zip(got, want):
+        assert_same_logprobs(g.logprobs, w.logprobs)
+
+
+def test_greedy_tokens_and_logprobs_match_caching_off_and_nothing_compiles(engines):
+    on, off = engines
+    traces = on.runner.trace_count
+    want = greedy_run(off)
+    first = greedy_run(on)  # prefix blocks reused from live slots (a round later) and forked
+    again = greedy_run(on)  # from the free slots the first run left (in place or copied)
+    assert_same(first, want)
+    assert_same(again, want)
+    queried, hit, blocks = on.scheduler.prefix_stats
+    assert hit >= 128 * 9 and blocks >= 1 and queried >= 2 * sum(len(p) for p in PROMPTS)
+    assert on.runner.trace_count == traces
+    assert on.num_programs == off.num_programs + 3  # extend 32 and 128, and the block copy
+
+
+def test_prompt_logprobs_requests_match_caching_off(engines):
+    on, off = engines
+    greedy_run(on)  # the prefix is cached
+    params = [SamplingParams(max_new_tokens=3, temperature=0.0, prompt_logprobs=2)] * 2 + [GREEDY]
+    prompts = PROMPTS[:2] + PROMPTS[2:3]
+    got, want = on.generate(prompts, params), off.generate(prompts, params)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    for g, w in zip(got[:2], want[:2]):
+        assert g.prompt_logprobs[0] is None and len(g.prompt_logprobs) == len(w.prompt_logprobs)
+        assert_same_logprobs(g.prompt_logprobs[1:], w.prompt_logprobs[1:])
+
+
+@pytest.mark.parametrize("prompt,penalty", [(PREFIX[:40], 1.3), (PREFIX[:40], 1.0), (PREFIX + PREFIX[:20], 1.3),
+                                            (PREFIX + PREFIX[:20], 1.0)])
+def test_n_samples_fork_one_prefill_and_match_separate_requests(engines, prompt, penalty):
+    """Forked (or, with a cached block and no penalty, extended) samples == the same seeds one by one."""
+    on, off = engines
+    greedy_run(on)  # PREFIX's first block is cached
+    params = SamplingParams(n=4, max_new_tokens=8, temperature=1.0, seed=11, repetition_penalty=penalty, logprobs=1)
+    reused = on.scheduler.prefix_stats[1]
+    forked = on.generate([prompt], params)
+    assert on.scheduler.prefix_stats[1] - reused >= 3 * min(len(prompt), 128)  # forked or cached
+    plain = off.generate([prompt], params)
+    separate = [off.generate([prompt], dataclasses.replace(params, n=1, seed=derive_seed(11, i)))[0] for i in range(4)]
+    assert [c.token_ids for c in forked] == [c.token_ids for c in plain] == [c.token_ids for c in separate]
+    assert len({tuple(c.token_ids) for c in forked}) > 1  # the samples diverge
+    for g, w in zip(forked, separate):
+        assert_same_logprobs(g.logprobs, w.logprobs)
+
+
+def test_budget_zero_keeps_no_free_blocks_and_changes_nothing(tiny_model, engines):
+    _, off = engines
+    engine = Engine.from_pretrained(tiny_model, prefix_cache_max_blocks=0, **OPTS)
+    assert_same(greedy_run(engine), greedy_run(off))
+    assert engine.scheduler.prefix_stats[2] == 0  # every request finished: nothing cached in free slots
+
+
+def test_sharded_engine_with_caching_matches_unsharded_without(tiny_model, engines):
+    _, off = engines
+    mesh = make_mesh("data=2,model=2", jax.devices()[:4])
+    engine = Engine.from_pretrained(tiny_model, mesh=mesh, **OPTS)
+    want = greedy_run(off)
+    assert_same(greedy_run(engine), want)
+    assert_same(greedy_run(engine), want)
+    assert engine.scheduler.prefix_stats[1] > 0
