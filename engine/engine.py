@@ -98,7 +98,7 @@ class Engine:
             prefill_prompts={b: tuple(ecfg.prefill_prompts(b, n, data) for n in ecfg.prefill_batch_sizes(b, data))
                              for b in buckets}, prefill_shards=data,
             prefill_attention_cost=1 / (6 * self.config.n_embd),
-            decode_windows=ecfg.decode_windows(block_size(self.max_seq_len)),
+            decode_windows=ecfg.decode_windows(),
             decode_slot_counts=ecfg.decode_widths(data, ecfg.max_slots // self.runner.groups),
             eos_token_id=self.config.eos_token_id, prefix_caching=ecfg.enable_prefix_caching,
             block=block_size(self.max_seq_len), extend_buckets=ecfg.extend_buckets(block_size(self.max_seq_len)) or (),

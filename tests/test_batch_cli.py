@@ -117,7 +117,10 @@ def test_bad_lines_get_error_naming_the_problem(mixed):
         assert set(out) == ({"id", "error"} if out["id"] is not None else {"id", "line", "error"})
     assert "lines: 7 ok, 15 failed" in proc.stderr  # 5 native + 2 OpenAI ok; 11 native + 4 OpenAI failed
     reused = re.search(r"prefix cache: (\d+)% of prompt tokens reused, (\d+) blocks cached", proc.stderr)
-    assert reused and int(reused[1]) > 0  # the n=2 line forks one prefill (blocks: none, prompts are short)
+    # The summary carries the prefix-cache figures. Whether the n=2 line's samples fork here depends on
+    # whether both find a free slot in one round (2 slots, requests queued ahead): forks are pinned by
+    # tests/test_prefix_reuse.py; prompts are shorter than a block, so nothing is cached.
+    assert reused and 0 <= int(reused[1]) <= 100 and reused[2] == "0"
 
 
 def test_good_native_lines(mixed, batch_model):

@@ -595,7 +595,7 @@ def test_decode_widths_step_by_whole_groups_times_four():
     assert EngineConfig(max_slots=64).decode_widths(1, 16) == (16, 64)
     assert EngineConfig(max_slots=256).decode_widths(1, 4) == (4, 16, 64, 256)
     assert EngineConfig(max_slots=16).decode_widths(2) == (16,)  # slots over data=2: one group, no reslicing
-    assert EngineConfig(max_slots=16, max_seq_len=1000).decode_windows(128) == (128, 256, 512, 1000)
+    assert EngineConfig(max_slots=16, max_seq_len=1000).decode_windows() == (1000,)  # groups pick their blocks
 
 
 def test_scoring_only_request_finishes_at_prefill_with_no_token():
