@@ -27,7 +27,7 @@ only; `model` stays automatic): a prefill call's rows and prompts are D equal pa
 prompts of shard d's slots, so each device group prefills only what it caches and writes its K/V locally;
 decode always runs every slot, each shard its own. Only the sampled ids (and logprobs) cross `data`.
 Insert is fused into prefill: a separate insert program would materialise every prompt's K/V once more.
-`DecodeState` is donated to every program, so the cache is updated in place and never copied. Sampling
+`DecodeState` (with the host rows and the shared pure functions: `engine.device_state`) is donated to every program, so the cache is updated in place and never copied. Sampling
 parameters are per-slot arrays inside it: new values never recompile. The host gets back one small int
 array per call (plus logprob arrays, fetched only when a request asked for them).
 """
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,95 +43,21 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from engine.config import EngineConfig, GPT2Config
+from engine.device_state import (DecodeState, PrefillRows, Sampled, dummy_rows, mark_seen, move_row, neutral_params,
+                                 prefill_key, sample_step, state_axes, store_first)
 from engine.extend import ExtendRows, dummy_extend_rows
-from engine.kv_cache import CACHE_AXES, KVCache, slot_groups
-from engine.processors import process_logits, sample, top_logprobs, uses_penalties
+from engine.kv_cache import KVCache, slot_groups
+from engine.processors import uses_penalties
 from engine.programs import Program, compile_all
-from engine.sampling import MAX_LOGPROBS, SamplingParams, SlotParams, slot_params
+from engine.sampling import MAX_LOGPROBS, SlotParams
 from engine.scoring import Scored, score_packed
 from engine.sharding import make_mesh, named_sharding, per_shard, replicated, tree_shardings
+
+__all__ = ["DecodeState", "PrefillRows", "Runner", "Sampled", "dummy_rows", "neutral_params"]
 
 # shard_map specs of the per-`data`-shard programs: dim 0 split over `data` (slots, rows, prompts), or whole.
 _DATA, _WHOLE, _DATA_DIM1 = PartitionSpec("data"), PartitionSpec(), PartitionSpec(None, "data")
 _DATA_AXIS = frozenset({"data"})
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class DecodeState:
-    cache: KVCache
-    tokens: jax.Array  # i32[S] the next token to feed (the last one sampled)
-    steps: jax.Array  # i32[S] tokens generated so far: the fold-in index of each slot's key
-    keys: jax.Array  # u32[S,2] per-request PRNG key data
-    params: SlotParams  # per-slot sampling parameters, each [S]
-    wants_logprobs: jax.Array  # bool[S]
-    seen: jax.Array  # bool[S,V] prompt + generated tokens (repetition penalty)
-    counts: jax.Array  # i32[S,V] generated-token counts (presence / frequency penalties)
-
-
-def state_axes(cfg: GPT2Config, max_len: int, groups: int = 1) -> DecodeState:
-    """Logical axes of every DecodeState array (engine.sharding.RULES maps them onto the mesh): slots on
-    `data` (always dim 0); seen/counts keep the whole vocab per row because sampling reads whole rows."""
-    slot = ("slots",)
-    return DecodeState(
-        cache=KVCache.tree_of(cfg, max_len, CACHE_AXES, slot, groups), tokens=slot, steps=slot, keys=("slots", "key_data"),
-        params=SlotParams(*(slot for _ in SlotParams._fields)), wants_logprobs=slot,
-        seen=("slots", "sampled_vocab"), counts=("slots", "sampled_vocab"))
-
-
-class Sampled(NamedTuple):
-    """What one program returns per sampled token: ids and the top-N logprobs of the raw model logits."""
-
-    tokens: jax.Array
-    logprob: jax.Array
-    top_ids: jax.Array
-    top_logprobs: jax.Array
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class PrefillRows:
-    """Host arrays for one prefill call: B rows of T tokens holding up to P prompts packed end to end
-    (padding tokens: segment P; padding prompts: slot S, dropped)."""
-
-    tokens: np.ndarray  # i32[B,T]
-    positions: np.ndarray  # i32[B,T] position of each token within its prompt
-    segments: np.ndarray  # i32[B,T] the prompt each token belongs to (attention stays inside a prompt)
-    lengths: np.ndarray  # i32[P]
-    last: np.ndarray  # i32[P] flat index (row * T + column) of each prompt's last token
-    slots: np.ndarray  # i32[P]
-    params: SlotParams  # each [P]
-    keys: np.ndarray  # u32[P,2]
-    wants_logprobs: np.ndarray  # bool[P]
-    source: np.ndarray  # i32[P] the prompt whose tokens this entry samples after (a fork: its leader's)
-
-
-def neutral_params(rows: int) -> SlotParams:
-    """Parameters of idle or padding rows: greedy, every processor off (no division by a zero penalty)."""
-    return slot_params([SamplingParams(temperature=0.0)] * rows)
-
-
-def _sample_step(logits, params: SlotParams, seen, counts, keys, steps, wants_logprobs) -> Sampled:
-    scores = process_logits(logits, params, seen, counts)
-    tokens = sample(scores, keys, steps, params.temperature == 0)
-
-    def with_logprobs(_):
-        return tuple(top_logprobs(logits, tokens, MAX_LOGPROBS))
-
-    def without(_):
-        rows = logits.shape[0]
-        return (jnp.zeros(rows, jnp.float32), jnp.zeros((rows, MAX_LOGPROBS), jnp.int32),
-                jnp.zeros((rows, MAX_LOGPROBS), jnp.float32))
-
-    lp, top_ids, top_lp = jax.lax.cond(wants_logprobs.any(), with_logprobs, without, None)
-    return Sampled(tokens, lp, top_ids, top_lp)
-
-
-def _mark(seen, counts, tokens):
-    # A one-hot compare, not a scatter: elementwise, so with slots sharded over `data` every device updates
-    # its own rows with no collective (a scatter all-reduced [S/data, V] per step).
-    hit = jnp.arange(seen.shape[1])[None, :] == tokens[:, None]
-    return seen | hit, counts + hit.astype(counts.dtype)
 
 
 class Runner:
@@ -155,7 +80,7 @@ class Runner:
         self._score_prefill = Program("score-prefill", self._prefill_impl, donate_argnums=(1,), out_shardings=outs)
         self._decode = Program("decode", self._decode_impl, donate_argnums=(1,), static_argnums=(2, 3),
                                out_shardings=outs)
-        self._move = Program("move", _move_row, donate_argnums=(0,), out_shardings=self.state_shardings)
+        self._move = Program("move", move_row, donate_argnums=(0,), out_shardings=self.state_shardings)
         self._extend = Program("extend", self._extend_impl, donate_argnums=(1,), out_shardings=outs)
         self._copy = Program("copy", KVCache.copy_blocks, donate_argnums=(0,),
                              out_shardings=self.state_shardings.cache)
@@ -222,9 +147,9 @@ class Runner:
         # The prompt's tokens count as seen (repetition penalty); padding tokens are segment P: dropped.
         seen = jnp.zeros((p, v), bool).at[rows.segments, rows.tokens].set(True, mode="drop")[rows.source]
         counts = jnp.zeros((p, v), jnp.int32)
-        out = _sample_step(logits, rows.params, seen, counts, rows.keys, jnp.zeros(p, jnp.int32),
+        out = sample_step(logits, rows.params, seen, counts, rows.keys, jnp.zeros(p, jnp.int32),
                            rows.wants_logprobs)
-        state = _store_first(state, cache, rows, out, seen, counts, slots)
+        state = store_first(state, cache, rows, out, seen, counts, slots)
         return state, (out if scored is None else (out, scored))
 
     def _extend_impl(self, params, state: DecodeState, rows: ExtendRows, blocks):
@@ -237,8 +162,8 @@ class Runner:
         marked = jnp.where(rows.positions < self.max_len, rows.tokens, v)  # padding: dropped
         seen = jnp.zeros((s, v), bool).at[jnp.arange(s)[:, None], marked].set(True, mode="drop")
         counts = jnp.zeros((s, v), jnp.int32)
-        out = _sample_step(logits, rows.params, seen, counts, rows.keys, jnp.zeros(s, jnp.int32), rows.wants_logprobs)
-        return _store_first(state, cache, rows, out, seen, counts, rows.slots), out
+        out = sample_step(logits, rows.params, seen, counts, rows.keys, jnp.zeros(s, jnp.int32), rows.wants_logprobs)
+        return store_first(state, cache, rows, out, seen, counts, rows.slots), out
 
     def _decode_impl(self, params, state: DecodeState, window: int, width: int, blocks, live):
         """k steps of slots [0, width): the others are sliced off first and put back untouched after.
@@ -272,10 +197,10 @@ class Runner:
             logits, cache = model(st.tokens[:, None], positions, st.cache, window=window, blocks=blocks,
                                   select=jnp.arange(st.tokens.shape[0]))
             logits = self._full_vocab(logits, "slots", manual)
-            out = _sample_step(logits, st.params, st.seen, st.counts, st.keys, st.steps, st.wants_logprobs)
+            out = sample_step(logits, st.params, st.seen, st.counts, st.keys, st.steps, st.wants_logprobs)
             # Only penalised rows ever read seen/counts, and a live penalised row keeps this true every
             # step, so skipping the two [S, V] passes otherwise loses nothing.
-            seen, counts = jax.lax.cond(jnp.any(uses_penalties(st.params)), _mark, lambda s, c, _: (s, c),
+            seen, counts = jax.lax.cond(jnp.any(uses_penalties(st.params)), mark_seen, lambda s, c, _: (s, c),
                                         st.seen, st.counts, out.tokens)
             cache = dataclasses.replace(cache, lengths=jnp.minimum(cache.lengths + 1, self.max_len))
             st = dataclasses.replace(st, cache=cache, tokens=out.tokens, steps=st.steps + 1, seen=seen,
@@ -286,13 +211,13 @@ class Runner:
 
     def prefill(self, rows: PrefillRows) -> Sampled:
         """Run one prefill call; returns device arrays [B] (and [B, N] for the logprobs)."""
-        self.state, out = self._prefill(_prefill_key(rows), self.params, self.state, rows)
+        self.state, out = self._prefill(prefill_key(rows), self.params, self.state, rows)
         return out
 
     def score_prefill(self, rows: PrefillRows, top: int = MAX_LOGPROBS) -> tuple[Sampled, Scored]:
         """`prefill`, also scoring every prompt token (`engine.scoring.Scored`, device arrays [B*T, ...]);
         `top`: the largest prompt_logprobs N of the call (top entries beyond it are not computed)."""
-        self.state, out = self._score_prefill(_prefill_key(rows), self.params, self.state, rows, np.int32(top))
+        self.state, out = self._score_prefill(prefill_key(rows), self.params, self.state, rows, np.int32(top))
         return out
 
     def extend(self, rows: ExtendRows) -> Sampled:
@@ -334,9 +259,9 @@ class Runner:
             data = self.mesh.shape["data"]
             for size in self.ecfg.prefill_batch_sizes(bucket, data):
                 rows = dummy_rows(size, bucket, self.ecfg.prefill_prompts(bucket, size, data), self.ecfg.max_slots)
-                out.append((self._prefill, _prefill_key(rows), (self.params, self.state, rows)))
+                out.append((self._prefill, prefill_key(rows), (self.params, self.state, rows)))
                 if score:
-                    out.append((self._score_prefill, _prefill_key(rows), (self.params, self.state, rows, np.int32(0))))
+                    out.append((self._score_prefill, prefill_key(rows), (self.params, self.state, rows, np.int32(0))))
         for window in windows:
             for width in widths or (self.ecfg.max_slots,):
                 blocks = np.asarray(self.state.cache.group_blocks(width, window), np.int32)
@@ -361,42 +286,3 @@ class Runner:
     def num_compiled(self) -> int:
         programs = (self._prefill, self._score_prefill, self._decode, self._move, self._extend, self._copy)
         return sum(len(p) for p in programs)
-
-
-def _prefill_key(rows: PrefillRows) -> tuple[int, int, int]:
-    """(rows, bucket, prompts): the shape of a prefill call."""
-    return rows.tokens.shape + rows.slots.shape
-
-
-def _move_row(state: DecodeState, src, dst) -> DecodeState:
-    """Row dst of every per-slot array (dim 0) takes row src, in place (cache rows included)."""
-    rest = jax.tree.map(lambda a: jax.lax.dynamic_update_index_in_dim(a, jax.lax.dynamic_index_in_dim(a, src, 0),
-                                                                   dst, 0), dataclasses.replace(state, cache=None))
-    return dataclasses.replace(rest, cache=state.cache.copy_slot(src, dst))
-
-
-def _put_rows(slots, target, rows):
-    return target.at[slots].set(rows.astype(target.dtype), mode="drop")
-
-
-def _store_first(state: DecodeState, cache: KVCache, rows: PrefillRows | ExtendRows, out: Sampled, seen,
-                 counts, slots) -> DecodeState:
-    """The state after a prefill or extend call: each sampled row's slot (`slots`, indices into `state`;
-    out of range: dropped) takes its first token, cache length, key, parameters and seen/counts (with that
-    token)."""
-    seen, counts = _mark(seen, counts, out.tokens)
-    put = functools.partial(_put_rows, slots)
-    return DecodeState(
-        cache=dataclasses.replace(cache, lengths=put(cache.lengths, rows.lengths)),
-        tokens=put(state.tokens, out.tokens), steps=put(state.steps, jnp.ones(rows.slots.shape[0], jnp.int32)),
-        keys=put(state.keys, rows.keys), params=SlotParams(*(put(a, r) for a, r in zip(state.params, rows.params))),
-        wants_logprobs=put(state.wants_logprobs, rows.wants_logprobs),
-        seen=put(state.seen, seen), counts=put(state.counts, counts))
-
-
-def dummy_rows(size: int, bucket: int, prompts: int, num_slots: int) -> PrefillRows:
-    """Padding-only rows (every slot index out of range): compiles a prefill program and changes nothing."""
-    return PrefillRows(np.zeros((size, bucket), np.int32), np.zeros((size, bucket), np.int32),
-                       np.full((size, bucket), prompts, np.int32), np.ones(prompts, np.int32),
-                       np.zeros(prompts, np.int32), np.full(prompts, num_slots, np.int32), neutral_params(prompts),
-                       np.zeros((prompts, 2), np.uint32), np.zeros(prompts, bool), np.arange(prompts, dtype=np.int32))
