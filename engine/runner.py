@@ -27,9 +27,10 @@ only; `model` stays automatic): a prefill call's rows and prompts are D equal pa
 prompts of shard d's slots, so each device group prefills only what it caches and writes its K/V locally;
 decode always runs every slot, each shard its own. Only the sampled ids (and logprobs) cross `data`.
 Insert is fused into prefill: a separate insert program would materialise every prompt's K/V once more.
-`DecodeState` (with the host rows and the shared pure functions: `engine.device_state`) is donated to every program, so the cache is updated in place and never copied. Sampling
-parameters are per-slot arrays inside it: new values never recompile. The host gets back one small int
-array per call (plus logprob arrays, fetched only when a request asked for them).
+`DecodeState` (`engine.device_state`, with the host rows and the programs' shared pure functions) is
+donated to every program, so the cache is updated in place and never copied. Sampling parameters are
+per-slot arrays inside it: new values never recompile. The host gets back one small int array per call
+(plus logprob arrays, fetched only when a request asked for them).
 """
 from __future__ import annotations
 
