@@ -1,6 +1,6 @@
 """Start-up: how long until the engine serves, with an empty and with a warm compile cache.
 
-    python benchmarks/startup.py [--skip-xl] [--json-out startup.json]
+    python benchmarks/startup.py [--skip-xl] [--skip-batch] [--modes loop,scan] [--json-out startup.json]
 
 Each figure is a fresh process (`python -m launch.serve` or `python -m launch.batch`) timed from spawn:
 - serve gpt2 (a random 124M safetensors checkpoint), default engine: until `/health` answers 200, every
@@ -9,6 +9,8 @@ Each figure is a fresh process (`python -m launch.serve` or `python -m launch.ba
 - serve gpt2-xl (`--load-format dummy`), cold: compile time should barely grow with depth;
 - `launch.batch examples/prompts.jsonl` with the gpt2 checkpoint, process start to exit, cold and warm;
 - `init_dummy` of gpt2 in this process.
+`--modes` picks the layer modes measured: `loop` (the default engine) and/or `scan` (`--scan-layers`); rows
+of the scan mode are marked `[scan]`.
 The peak `/proc/PID/maps` line count of each child is sampled every 0.2 s (the kernel's default
 vm.max_map_count is 65,530). Prints a table, then one JSON line.
 """
@@ -84,11 +86,11 @@ def serve(model: str, cache: Path, extra: list[str], timeout: float) -> dict:
             proc.kill()
 
 
-def batch(model: str, cache: Path, work: Path) -> dict:
+def batch(model: str, cache: Path, work: Path, extra: list[str]) -> dict:
     out = work / "prompts.out.jsonl"
     out.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "launch.batch", str(ROOT / "examples/prompts.jsonl"), "--model", model,
-           "--output", str(out)]
+           "--output", str(out), *extra]
     t0, peak = time.perf_counter(), 0
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(cache), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
@@ -122,6 +124,8 @@ def _tokenizer_dir() -> Path | None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--skip-xl", action="store_true")
+    p.add_argument("--skip-batch", action="store_true")
+    p.add_argument("--modes", default="loop", help="comma-separated layer modes: loop, scan")
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--json-out")
     args = p.parse_args(argv)
@@ -135,15 +139,20 @@ def main(argv=None) -> None:
             for f in ("vocab.json", "merges.txt"):
                 shutil.copy(tok / f, ckpt / f)
         rows = {}
-        cache = work / "cache-serve"
-        rows["serve gpt2 cold"] = serve(str(ckpt), cache, [], args.timeout)
-        rows["serve gpt2 warm"] = serve(str(ckpt), cache, [], args.timeout)
-        if not args.skip_xl:
-            rows["serve gpt2-xl cold (dummy)"] = serve("gpt2-xl", work / "cache-xl", ["--load-format", "dummy"],
-                                                       args.timeout)
-        cache = work / "cache-batch"
-        rows["batch prompts.jsonl gpt2 cold"] = batch(str(ckpt), cache, work)
-        rows["batch prompts.jsonl gpt2 warm"] = batch(str(ckpt), cache, work)
+        for mode in args.modes.split(","):
+            if mode not in ("loop", "scan"):
+                p.error(f"--modes: expected loop and/or scan, got {mode!r}")
+            extra, tag = (["--scan-layers"], " [scan]") if mode == "scan" else ([], "")
+            cache = work / f"cache-serve-{mode}"
+            rows["serve gpt2 cold" + tag] = serve(str(ckpt), cache, extra, args.timeout)
+            rows["serve gpt2 warm" + tag] = serve(str(ckpt), cache, extra, args.timeout)
+            if not args.skip_xl:
+                rows["serve gpt2-xl cold (dummy)" + tag] = serve(
+                    "gpt2-xl", work / f"cache-xl-{mode}", ["--load-format", "dummy", *extra], args.timeout)
+            if not args.skip_batch:
+                cache = work / f"cache-batch-{mode}"
+                rows["batch prompts.jsonl gpt2 cold" + tag] = batch(str(ckpt), cache, work, extra)
+                rows["batch prompts.jsonl gpt2 warm" + tag] = batch(str(ckpt), cache, work, extra)
         rows["init_dummy gpt2 (in process)"] = {"seconds": dummy_init_seconds(), "peak_maps": None}
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -133,6 +133,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     prefix_cache_max_blocks: int | None = None  # cached blocks kept in free slots (None: all of them)
     prefix_extend_buckets: tuple[int, ...] = (32, 128)  # suffix lengths compiled for resuming a cached prompt
+    # Layers as one lax.scan over stacked parameters (engine.model): compile time independent of depth,
+    # decode slower on XLA:CPU (it copies each layer's slices). Off: a Python loop over per-layer arrays.
+    scan_layers: bool = False
 
     def __post_init__(self) -> None:
         for field in ("max_slots", "max_seq_len", "decode_steps", "prefill_token_budget"):
@@ -146,6 +149,8 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.prefill_buckets: expected positive ints, got {self.prefill_buckets!r}")
         object.__setattr__(self, "prefill_buckets", buckets)
         object.__setattr__(self, "prefix_extend_buckets", tuple(sorted(set(self.prefix_extend_buckets))))
+        if not isinstance(self.scan_layers, bool):
+            raise ValueError(f"EngineConfig.scan_layers: expected a bool, got {self.scan_layers!r}")
         budget = self.prefix_cache_max_blocks
         if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 0):
             raise ValueError(f"EngineConfig.prefix_cache_max_blocks: expected None or an int >= 0, got {budget!r}")

@@ -3,7 +3,8 @@
 programs share: sampling one step, marking seen tokens, storing a call's first tokens into the slots, and
 moving one slot's row.
 
-Invariant: every per-slot array has the slots on dim 0 (logical axis `slots`, split over `data`).
+Invariant: every per-slot array has the slots on dim 0 (logical axis `slots`, split over `data`), except the
+KV cache's block arrays, which have them on dim 1 (after the stacked layers); `state_axes` says which.
 """
 from __future__ import annotations
 
@@ -35,12 +36,12 @@ class DecodeState:
     counts: jax.Array  # i32[S,V] generated-token counts (presence / frequency penalties)
 
 
-def state_axes(cfg: GPT2Config, max_len: int, groups: int = 1) -> DecodeState:
+def state_axes(cfg: GPT2Config, max_len: int, groups: int = 1, stacked: bool = False) -> DecodeState:
     """Logical axes of every DecodeState array (engine.sharding.RULES maps them onto the mesh): slots on
     `data` (always dim 0); seen/counts keep the whole vocab per row because sampling reads whole rows."""
     slot = ("slots",)
     return DecodeState(
-        cache=KVCache.tree_of(cfg, max_len, CACHE_AXES, slot, groups), tokens=slot, steps=slot, keys=("slots", "key_data"),
+        cache=KVCache.tree_of(cfg, max_len, CACHE_AXES, slot, groups, stacked), tokens=slot, steps=slot, keys=("slots", "key_data"),
         params=SlotParams(*(slot for _ in SlotParams._fields)), wants_logprobs=slot,
         seen=("slots", "sampled_vocab"), counts=("slots", "sampled_vocab"))
 

@@ -56,6 +56,8 @@ class Engine:
         check_mesh(self.mesh, cfg, ecfg.max_slots)
         dtype = jnp.dtype(ecfg.dtype)
         self.runner = Runner(graphdef, params, cfg, ecfg, dtype, mesh=self.mesh)
+        # The parameters' layout decides (a caller may pass either): the config says what runs.
+        self.engine_config = ecfg = dataclasses.replace(ecfg, scan_layers=self.runner.stacked)
         self.max_seq_len = self.runner.max_len
         self.scheduler = Scheduler(self._scheduler_config())
         self.requests = RequestFactory(cfg, tokenizer, self.max_seq_len, ecfg.seed)
@@ -80,12 +82,13 @@ class Engine:
         folder, cfg, load_format = _locate(model, load_format)
         check_mesh(jmesh, cfg, ecfg.max_slots)
         jdtype, sharding_fn = jnp.dtype(ecfg.dtype), param_sharding_fn(jmesh)
+        scan = ecfg.scan_layers
         if load_format == "dummy":
-            graphdef, params = init_dummy(cfg, jdtype, sharding_fn=sharding_fn)
+            graphdef, params = init_dummy(cfg, jdtype, sharding_fn=sharding_fn, scan_layers=scan)
         elif load_format == "orbax":
-            graphdef, params = checkpoint.restore(folder, cfg, jdtype, sharding_fn)
+            graphdef, params = checkpoint.restore(folder, cfg, jdtype, sharding_fn, scan_layers=scan)
         else:
-            graphdef, params = load_safetensors(hf.weight_files(folder), cfg, jdtype, sharding_fn)
+            graphdef, params = load_safetensors(hf.weight_files(folder), cfg, jdtype, sharding_fn, scan_layers=scan)
         tok = _load_tokenizer(tokenizer, folder, cfg)
         return cls(cfg, graphdef, params, ecfg, tok, mesh=jmesh)
 

@@ -1,15 +1,20 @@
 """The preallocated KV cache: a fixed-shape pytree updated in place under jit (the cache is donated).
 
 Logically `k`, `v` are [L, S, H, M, K] (layers, slots, heads, positions, head dim) and `lengths` [S] int32
-counts the positions of each slot that hold real K/V. Physically each layer is split twice:
+counts the positions of each slot that hold real K/V. Physically the layers are split into slabs: one
+slab of all L layers when the model scans over its layers (it reads and writes one layer at a traced
+index), else L slabs of one layer each (a Python loop over layers: every layer its own arrays, read in
+place, which XLA:CPU needs: it copies any slice of a bigger array before a dot). Within a slab the slots
+and positions are split:
 - slots into G groups of consecutive slots (G = `slot_groups`: 4 when the slots are not split over a
   `data` mesh axis), so decode attends group by group, each group reading only the blocks its own live
   slots reach (slots of similar length share a group), and a narrower decode call takes whole groups;
-- positions into blocks of `BLOCK`, one array [S/G, H, BLOCK, K] per (layer, group, block): attending to
-  the first W positions reads the first ceil(W / BLOCK) arrays whole. (Slicing a window or a slot range out
-  of a bigger array makes XLA:CPU copy it first, which costs more than the attention itself.)
-Positions are per slot: every request starts at 0. Entries at or past a slot's length are stale and always
-masked by position, never cleared.
+- positions into blocks of `BLOCK`, one array [layers of the slab, S/G, H, BLOCK, K] per (slab, group,
+  block): attending to the first W positions reads the first ceil(W / BLOCK) arrays' layer whole.
+  (Slicing a window or a slot range out of a bigger array makes XLA:CPU copy it first, which costs more
+  than the attention itself.)
+Slots are dim 1 of every block array (logical axis `slots`). Positions are per slot: every request
+starts at 0. Entries at or past a slot's length are stale and always masked by position, never cleared.
 """
 from __future__ import annotations
 
@@ -23,10 +28,16 @@ from engine.config import GPT2Config
 
 BLOCK = 128  # cache positions per block array
 GROUPS = 4  # slot groups per layer when the slots are not split over devices
-CACHE_AXES = ("slots", "heads", "positions", "head_dim")  # of each block array
+CACHE_AXES = ("layers", "slots", "heads", "positions", "head_dim")  # of each block array
 
-Groups = tuple[tuple[jax.Array, ...], ...]  # [group][block] -> [S/G, H, block, K]
-Layers = tuple[Groups, ...]  # [layer]
+Groups = tuple[tuple[jax.Array, ...], ...]  # [group][block] -> [layers of the slab, S/G, H, block, K]
+Slabs = tuple[Groups, ...]  # [slab]: one slab of all layers (scanned model), or one per layer
+
+
+def at_layer(blocks, layer) -> tuple[jax.Array, ...]:
+    """One layer's slice (index in the slab: traced, or 0 for a one-layer slab) of each block array:
+    [S/G, H, block, K]."""
+    return tuple(jax.lax.dynamic_index_in_dim(b, layer, 0, keepdims=False) for b in blocks)
 
 
 def block_size(max_len: int) -> int:
@@ -44,33 +55,36 @@ def slot_groups(slots: int, data: int = 1) -> int:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    k: Layers
-    v: Layers
+    k: Slabs
+    v: Slabs
     lengths: jax.Array
 
     @classmethod
     def create(cls, cfg: GPT2Config, slots: int, max_len: int, dtype=jnp.float32, shardings=None,
-               groups: int = 1) -> KVCache:
-        """Zeros for `max_len` positions per slot in `groups` slot groups; `shardings` (one block array's,
-        lengths') places them straight on a mesh."""
+               groups: int = 1, stacked: bool = False) -> KVCache:
+        """Zeros for `max_len` positions per slot in `groups` slot groups, in one slab of all layers
+        (`stacked`: for a scanned model) or one slab per layer; `shardings` (one block array's, lengths')
+        places them straight on a mesh."""
         size = block_size(max_len)
-        shape = (slots // groups, cfg.n_head, size, cfg.head_dim)
+        slabs, depth = (1, cfg.n_layer) if stacked else (cfg.n_layer, 1)
+        shape = (depth, slots // groups, cfg.n_head, size, cfg.head_dim)
         kv_sharding, len_sharding = shardings if shardings is not None else (None, None)
         zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=kv_sharding)
         blocks = math.ceil(max_len / size)
 
-        def layers() -> Layers:
-            return tuple(tuple(tuple(zeros() for _ in range(blocks)) for _ in range(groups))
-                         for _ in range(cfg.n_layer))
+        def arrays() -> Slabs:
+            return tuple(tuple(tuple(zeros() for _ in range(blocks)) for _ in range(groups)) for _ in range(slabs))
 
         lengths = jax.jit(lambda: jnp.zeros((slots,), jnp.int32), out_shardings=len_sharding)()
-        return cls(layers(), layers(), lengths)
+        return cls(arrays(), arrays(), lengths)
 
     @classmethod
-    def tree_of(cls, cfg: GPT2Config, max_len: int, leaf, lengths_leaf, groups: int = 1) -> KVCache:
+    def tree_of(cls, cfg: GPT2Config, max_len: int, leaf, lengths_leaf, groups: int = 1,
+                stacked: bool = False) -> KVCache:
         """A KVCache-shaped tree with `leaf` at every block (for axes or shardings trees)."""
         blocks = math.ceil(max_len / block_size(max_len))
-        tree = tuple(tuple(tuple(leaf for _ in range(blocks)) for _ in range(groups)) for _ in range(cfg.n_layer))
+        tree = tuple(tuple(tuple(leaf for _ in range(blocks)) for _ in range(groups))
+                     for _ in range(1 if stacked else cfg.n_layer))
         return cls(tree, tree, lengths_leaf)
 
     @property
@@ -79,11 +93,15 @@ class KVCache:
 
     @property
     def group_sizes(self) -> tuple[int, ...]:
-        return tuple(g[0].shape[0] for g in self.k[0])
+        return tuple(g[0].shape[1] for g in self.k[0])
 
     @property
     def block(self) -> int:
-        return self.k[0][0][0].shape[2]
+        return self.k[0][0][0].shape[3]
+
+    def _locate(self, layer) -> tuple[int, object]:
+        """(slab, index in the slab) of a layer: a Python int with one slab per layer, else traced."""
+        return (layer, 0) if len(self.k) > 1 else (0, layer)
 
     def head_sizes(self, width: int) -> tuple[int, ...]:
         """Slots per group of `head(width)`."""
@@ -104,17 +122,19 @@ class KVCache:
             start += n
         return out
 
-    def write(self, layer: int, slots, positions, k: jax.Array, v: jax.Array, limit: int | None = None) -> KVCache:
-        """Store k/v [B, H, T, K] of one layer: token (b, t) goes to slot slots[b, t] at positions[b, t].
+    def write(self, layer, slots, positions, k: jax.Array, v: jax.Array, limit: int | None = None) -> KVCache:
+        """Store k/v [B, H, T, K] of one layer (traced index): token (b, t) goes to slot slots[b, t] at
+        positions[b, t].
 
         `slots` None (decode): row b is slot b, and each group scatters only its own rows. Tokens whose
         slot or position is out of range are dropped (prefill padding; decode positions past the cache).
         `limit` (static): every position is below it, so blocks past it are not touched (prefill: T;
         decode: the window)."""
+        slab, layer = self._locate(layer)
         new_k, new_v = [], []
         start = 0
-        for gk, gv in zip(self.k[layer], self.v[layer]):
-            size = gk[0].shape[0]
+        for gk, gv in zip(self.k[slab], self.v[slab]):
+            size = gk[0].shape[1]
             count = len(gk) if limit is None else min(len(gk), math.ceil(limit / self.block))
             if slots is None:  # decode: this group's rows are rows [start, start + size)
                 part = slice(start, start + size)
@@ -123,15 +143,18 @@ class KVCache:
                 local = slots - start
                 local = jnp.where((local >= 0) & (local < size), local, size)  # other groups: dropped
                 pos, xk, xv = positions, k, v
-            new_k.append(self._scatter(gk, count, local, pos, xk))
-            new_v.append(self._scatter(gv, count, local, pos, xv))
+            new_k.append(self._scatter(gk, count, layer, local, pos, xk))
+            new_v.append(self._scatter(gv, count, layer, local, pos, xv))
             start += size
-        return dataclasses.replace(self, k=_swap(self.k, layer, tuple(new_k)), v=_swap(self.v, layer, tuple(new_v)))
+        return dataclasses.replace(self, k=_swap(self.k, slab, tuple(new_k)), v=_swap(self.v, slab, tuple(new_v)))
 
-    def _scatter(self, blocks: tuple[jax.Array, ...], count: int, slots, positions, x: jax.Array) -> tuple[jax.Array, ...]:
-        """Writes into the first `count` blocks of one group; the others are returned as they are."""
+    def _scatter(self, blocks: tuple[jax.Array, ...], count: int, layer, slots, positions,
+                 x: jax.Array) -> tuple[jax.Array, ...]:
+        """Writes into layer `layer` (index in the slab) of the first `count` blocks of one group; the
+        others are returned as they are."""
         size = self.block
         slot_idx = jnp.broadcast_to(slots, positions.shape)  # [B, T]
+        layer_idx = jnp.broadcast_to(jnp.asarray(layer, jnp.int32), positions.shape)
         rows = x.transpose(0, 2, 1, 3).astype(blocks[0].dtype)  # [B, T, H, K]
         out = list(blocks)
         for b in range(count):
@@ -139,20 +162,23 @@ class KVCache:
             local = jnp.where((local >= 0) & (local < size), local, size)  # elsewhere: dropped
             # Heads are a whole (window) dimension of the update, not indexed: with heads split over
             # `model` each device writes its own heads, no K/V gathered across devices.
-            out[b] = blocks[b].at[slot_idx, :, local].set(rows, mode="drop")
+            out[b] = blocks[b].at[layer_idx, slot_idx, :, local].set(rows, mode="drop")
         return tuple(out)
 
-    def window(self, layer: int, size: int) -> tuple[Groups, Groups]:
-        """Per slot group, the blocks covering the first `size` positions of one layer (k, v)."""
+    def window(self, layer, size: int) -> tuple[Groups, Groups, object]:
+        """Per slot group, the blocks covering the first `size` positions (k, v) of the slab holding
+        `layer`, and the layer's index in it: read it with `at_layer` where it is used (in a `lax.switch`
+        branch, only the branch taken reads)."""
+        slab, index = self._locate(layer)
         count = math.ceil(size / self.block)
-        return tuple(g[:count] for g in self.k[layer]), tuple(g[:count] for g in self.v[layer])
+        return tuple(g[:count] for g in self.k[slab]), tuple(g[:count] for g in self.v[slab]), index
 
     def head(self, width: int) -> KVCache:
         """The cache of slots [0, width): whole groups as they are, a partly covered group sliced."""
         sizes = self.head_sizes(width)
 
         def cut(groups: Groups) -> Groups:
-            return tuple(g if n == g[0].shape[0] else tuple(b[:n] for b in g) for g, n in zip(groups, sizes))
+            return tuple(g if n == g[0].shape[1] else tuple(b[:, :n] for b in g) for g, n in zip(groups, sizes))
 
         return KVCache(tuple(map(cut, self.k)), tuple(map(cut, self.v)), self.lengths[:width])
 
@@ -161,8 +187,8 @@ class KVCache:
         def put(groups: Groups, new: Groups) -> Groups:
             out = list(groups)
             for i, g in enumerate(new):
-                same = g[0].shape[0] == groups[i][0].shape[0]
-                out[i] = g if same else tuple(b.at[: h.shape[0]].set(h) for b, h in zip(groups[i], g))
+                same = g[0].shape[1] == groups[i][0].shape[1]
+                out[i] = g if same else tuple(b.at[:, : h.shape[1]].set(h) for b, h in zip(groups[i], g))
             return tuple(out)
 
         width = head.lengths.shape[0]
@@ -177,9 +203,10 @@ class KVCache:
 
     def copy_blocks(self, src, dst, count) -> KVCache:
         """Slot dst's first `count` blocks (traced, like the slots) take slot src's; lengths unchanged. Only
-        the rows involved are read and written (`lax.switch` / `lax.cond` on the slots' groups and on the
-        block index): a select over every group would stream the whole cache per call."""
-        starts = [sum(self.group_sizes[:g]) for g in range(len(self.group_sizes))]
+        the rows involved are read and written, all layers of a slab at once (`lax.switch` / `lax.cond` on the
+        slots' groups and on the block index): a select over every group would stream the whole cache per
+        call."""
+        starts = [sum(self.group_sizes[:g]) for g in range(len(self.group_sizes))]  # every slab: same groups
 
         def group_of(slot):
             return sum((slot >= s).astype(jnp.int32) for s in starts[1:]) if len(starts) > 1 else jnp.int32(0)
@@ -190,16 +217,16 @@ class KVCache:
         def move(groups: Groups) -> Groups:
             out = [list(g) for g in groups]
             for b in range(len(groups[0])):
-                row = jax.lax.switch(src_g, [lambda g=g: jax.lax.dynamic_index_in_dim(g[b], src_i, 0)
+                row = jax.lax.switch(src_g, [lambda g=g: jax.lax.dynamic_index_in_dim(g[b], src_i, 1)
                                              for g in groups])
                 for g in range(len(groups)):
                     out[g][b] = jax.lax.cond((dst_g == g) & (b < count),
-                                             lambda a: jax.lax.dynamic_update_index_in_dim(a, row, dst_i, 0),
+                                             lambda a: jax.lax.dynamic_update_index_in_dim(a, row, dst_i, 1),
                                              lambda a: a, out[g][b])
             return tuple(tuple(g) for g in out)
 
         return KVCache(tuple(map(move, self.k)), tuple(map(move, self.v)), self.lengths)
 
 
-def _swap(tree: Layers, layer: int, new: Groups) -> Layers:
-    return tree[:layer] + (new,) + tree[layer + 1:]
+def _swap(slabs: Slabs, index: int, new: Groups) -> Slabs:
+    return slabs[:index] + (new,) + slabs[index + 1:]

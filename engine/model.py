@@ -4,12 +4,19 @@ Dimension legend (used in shapes and einsum subscripts):
   B rows (prompts or cache slots)  T tokens  D embed  H heads  K head dim (64)  F mlp (4D)
   V padded vocab  L layers  S cache slots  W attention window (cache positions read)  C the 3 of Q|K|V
 
-Parameter layout: names follow HF (`wte`, `wpe`, `h.{i}.ln_1`, `h.{i}.attn.c_attn`, ...). HF's Conv1D
-stores `[in, out]` and computes `x @ W + b`, kept here without a transpose; `c_attn` is stored as
-`[D, C, H, K]` and the attention `c_proj` as `[H, K, D]` (pure reshapes of HF's `[D, 3D]` / `[D, D]`) so
-that heads can be sharded. `wte` is padded to V rows (zeros); padded logits are -inf.
+Parameter layout: names follow HF (`wte`, `wpe`, `h.{i}.ln_1`, `h.{i}.attn.c_attn`, ...). With
+`scan_layers` the layers are stacked instead: `h` is one `Block` whose every parameter has a leading L axis
+(`h.attn.c_attn.weight[i]` is HF's `h.{i}.attn.c_attn.weight`; logical axis `layers`). HF's Conv1D stores
+`[in, out]` and computes `x @ W + b`, kept here without a transpose; `c_attn` is stored as `[D, C, H, K]`
+and the attention `c_proj` as `[H, K, D]` (pure reshapes of HF's `[D, 3D]` / `[D, D]`) so that heads can
+be sharded. `wte` is padded to V rows (zeros); padded logits are -inf.
 
 The forward is a pure function of (tokens, positions, cache): it never samples, tokenizes or schedules.
+Layers run as a Python loop (every program holds n_layer copies of the layer: compile time grows with
+depth), or with `scan_layers` (MaxText's name) as one `lax.scan` over the stacked parameters, the KV cache
+in the carry, updated in place at the layer index: every program holds one layer's code whatever the
+depth, so it compiles several times faster, but each step slices every layer's weights and cache blocks
+out of the stacked arrays, which XLA:CPU copies (decode ~2x slower on CPU; see README).
 `GPT2.hidden` stops before the LM head (final hidden states); `GPT2.__call__` applies `GPT2.logits` to them.
 LayerNorm, softmax and logits are computed in float32 whatever the parameter dtype.
 """
@@ -23,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from engine.config import GPT2Config
-from engine.kv_cache import KVCache
+from engine.kv_cache import KVCache, at_layer
 
 # Logical axis names of every parameter, declared once (engine.sharding maps them to mesh axes).
 PARAM_AXES: dict[str, tuple[str | None, ...]] = {
@@ -46,22 +53,32 @@ _NEG = float(jnp.finfo(jnp.float32).min)
 
 
 def param_axes(path: str) -> tuple[str | None, ...]:
-    """Logical axes of a parameter given its dotted path (`h.3.attn.c_attn.weight` -> its entry)."""
+    """Logical axes of a parameter given its dotted path (`h.3.attn.c_attn.weight` -> its entry; stacked
+    `h.attn.c_attn.weight` -> `layers`, then its entry's)."""
     parts = path.split(".")
-    key = ".".join(parts[2:]) if parts[0] == "h" else path
-    return PARAM_AXES[key]
+    if parts[0] != "h":
+        return PARAM_AXES[path]
+    if parts[1].isdigit():
+        return PARAM_AXES[".".join(parts[2:])]
+    return ("layers",) + PARAM_AXES[".".join(parts[1:])]
 
 
-def _param(shape: tuple[int, ...], dtype, rngs: nnx.Rngs | None, std: float = 0.02) -> nnx.Param:
+def _param(shape: tuple[int, ...], dtype, rngs: nnx.Rngs | None, std: float = 0.02, lead=()) -> nnx.Param:
+    """`lead`: the stacked layers' leading dims ((L,) in `GPT2.h`)."""
+    shape = tuple(lead) + shape
     if rngs is None:
         return nnx.Param(jnp.zeros(shape, dtype))
     return nnx.Param((std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype))
 
 
+def _const(shape: tuple[int, ...], value: float, dtype, lead=()) -> nnx.Param:
+    return nnx.Param(jnp.full(tuple(lead) + shape, value, dtype))
+
+
 class LayerNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, dtype):
-        self.weight = nnx.Param(jnp.ones((dim,), dtype))
-        self.bias = nnx.Param(jnp.zeros((dim,), dtype))
+    def __init__(self, dim: int, eps: float, dtype, lead=()):
+        self.weight = _const((dim,), 1.0, dtype, lead)
+        self.bias = _const((dim,), 0.0, dtype, lead)
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -75,9 +92,9 @@ class LayerNorm(nnx.Module):
 class Linear(nnx.Module):
     """HF Conv1D: weight [in, out], y = x @ W + b."""
 
-    def __init__(self, d_in: int, d_out: int, dtype, rngs: nnx.Rngs | None):
-        self.weight = _param((d_in, d_out), dtype, rngs)
-        self.bias = nnx.Param(jnp.zeros((d_out,), dtype))
+    def __init__(self, d_in: int, d_out: int, dtype, rngs: nnx.Rngs | None, lead=()):
+        self.weight = _param((d_in, d_out), dtype, rngs, lead=lead)
+        self.bias = _const((d_out,), 0.0, dtype, lead)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return x @ self.weight[...] + self.bias[...]
@@ -86,9 +103,9 @@ class Linear(nnx.Module):
 class QKV(nnx.Module):
     """`attn.c_attn`: weight [D, C, H, K], bias [C, H, K]; returns q, k, v as [B, H, T, K]."""
 
-    def __init__(self, cfg: GPT2Config, dtype, rngs: nnx.Rngs | None):
-        self.weight = _param((cfg.n_embd, 3, cfg.n_head, cfg.head_dim), dtype, rngs)
-        self.bias = nnx.Param(jnp.zeros((3, cfg.n_head, cfg.head_dim), dtype))
+    def __init__(self, cfg: GPT2Config, dtype, rngs: nnx.Rngs | None, lead=()):
+        self.weight = _param((cfg.n_embd, 3, cfg.n_head, cfg.head_dim), dtype, rngs, lead=lead)
+        self.bias = _const((3, cfg.n_head, cfg.head_dim), 0.0, dtype, lead)
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         # A plain GEMM ([B*T, D] x [D, C*H*K]); moving C and H to the front afterwards is cheap, while asking
@@ -101,9 +118,9 @@ class QKV(nnx.Module):
 class OutProj(nnx.Module):
     """`attn.c_proj`: weight [H, K, D], bias [D]."""
 
-    def __init__(self, cfg: GPT2Config, dtype, rngs: nnx.Rngs | None):
-        self.weight = _param((cfg.n_head, cfg.head_dim, cfg.n_embd), dtype, rngs)
-        self.bias = nnx.Param(jnp.zeros((cfg.n_embd,), dtype))
+    def __init__(self, cfg: GPT2Config, dtype, rngs: nnx.Rngs | None, lead=()):
+        self.weight = _param((cfg.n_head, cfg.head_dim, cfg.n_embd), dtype, rngs, lead=lead)
+        self.bias = _const((cfg.n_embd,), 0.0, dtype, lead)
 
     def __call__(self, o: jax.Array) -> jax.Array:
         """o [B, T, H, K] -> [B, T, D]."""
@@ -138,24 +155,25 @@ class Where(NamedTuple):
     blocks: jax.Array | None = None  # i32[G] decode: blocks each slot group reads (default: the window's)
 
 
-def _attend_groups(q, positions, k_groups, v_groups, blocks) -> jax.Array:
+def _attend_groups(q, positions, k_groups, v_groups, blocks, layer) -> jax.Array:
     """Decode attention group by group: rows of q [B,H,1,K] are the cache slots in group order; group g
-    reads at least its first blocks[g] blocks (`lax.switch`: only that branch runs; 0: none, zeros out)."""
+    reads layer `layer` (index in the blocks' slab) of at least its first blocks[g] blocks (`lax.switch`:
+    only that branch runs, and only it slices the layer out; 0: none, zeros out)."""
     # Block counts compiled: 0, powers of two below the window, the window (fewer branches to compile; a
     # group reads at most twice the blocks it needs).
     window = len(k_groups[0])
     counts = sorted({0, window} | {2 ** i for i in range(window.bit_length()) if 2 ** i < window})
     outs, start = [], 0
     for g, (ks, vs) in enumerate(zip(k_groups, v_groups)):
-        n = ks[0].shape[0]
+        n = ks[0].shape[1]
         qg, pg = q[start: start + n], positions[start: start + n]
 
         def read(count, qg, pg, ks=ks, vs=vs):
             if count == 0:
                 return jnp.zeros((qg.shape[0], qg.shape[2], qg.shape[1], qg.shape[3]), qg.dtype)
-            width = count * ks[0].shape[2]
+            width = count * ks[0].shape[3]
             k_pos = jnp.broadcast_to(jnp.arange(width, dtype=pg.dtype), (qg.shape[0], width))
-            return _attend(qg, ks[:count], vs[:count], pg, k_pos)
+            return _attend(qg, at_layer(ks[:count], layer), at_layer(vs[:count], layer), pg, k_pos)
 
         if blocks is None:
             outs.append(read(window, qg, pg))
@@ -167,15 +185,16 @@ def _attend_groups(q, positions, k_groups, v_groups, blocks) -> jax.Array:
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: GPT2Config, dtype, rngs: nnx.Rngs | None):
-        self.c_attn = QKV(cfg, dtype, rngs)
-        self.c_proj = OutProj(cfg, dtype, rngs)
+    def __init__(self, cfg: GPT2Config, dtype, rngs: nnx.Rngs | None, lead=()):
+        self.c_attn = QKV(cfg, dtype, rngs, lead)
+        self.c_proj = OutProj(cfg, dtype, rngs, lead)
 
-    def __call__(self, x, positions, cache: KVCache | None, layer: int, where: Where):
+    def __call__(self, x, positions, cache: KVCache | None, layer, where: Where):
         """Self-attention over this call's tokens (inside each segment when given), or (window set) over
         the first `window` cache positions.
 
-        With a cache, this call's K/V are first written at (slot, position) for every token.
+        With a cache, this call's K/V are first written at (slot, position) for every token. `layer`: this
+        layer's index (a Python int in the loop, traced in the scan).
         """
         q, k, v = self.c_attn(x)
         if cache is not None:
@@ -184,26 +203,29 @@ class Attention(nnx.Module):
         if where.window is None:
             out = _attend(q, (k,), (v,), positions, positions, where.segments)
         else:
-            k_groups, v_groups = cache.window(layer, where.window)
-            out = _attend_groups(q, positions, k_groups, v_groups, where.blocks)
+            k_groups, v_groups, index = cache.window(layer, where.window)
+            out = _attend_groups(q, positions, k_groups, v_groups, where.blocks, index)
         return self.c_proj(out), cache
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: GPT2Config, dtype, rngs: nnx.Rngs | None):
-        self.c_fc = Linear(cfg.n_embd, cfg.n_inner, dtype, rngs)
-        self.c_proj = Linear(cfg.n_inner, cfg.n_embd, dtype, rngs)
+    def __init__(self, cfg: GPT2Config, dtype, rngs: nnx.Rngs | None, lead=()):
+        self.c_fc = Linear(cfg.n_embd, cfg.n_inner, dtype, rngs, lead)
+        self.c_proj = Linear(cfg.n_inner, cfg.n_embd, dtype, rngs, lead)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.c_proj(jax.nn.gelu(self.c_fc(x), approximate=True))
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: GPT2Config, dtype, rngs: nnx.Rngs | None):
-        self.ln_1 = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, dtype)
-        self.attn = Attention(cfg, dtype, rngs)
-        self.ln_2 = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, dtype)
-        self.mlp = MLP(cfg, dtype, rngs)
+    """One transformer layer; built with `lead=(L,)` it holds all L layers' parameters stacked, and
+    `GPT2.hidden` runs it on one layer's slice at a time."""
+
+    def __init__(self, cfg: GPT2Config, dtype, rngs: nnx.Rngs | None, lead=()):
+        self.ln_1 = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, dtype, lead)
+        self.attn = Attention(cfg, dtype, rngs, lead)
+        self.ln_2 = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, dtype, lead)
+        self.mlp = MLP(cfg, dtype, rngs, lead)
 
     def __call__(self, x, positions, cache, layer, where: Where):
         a, cache = self.attn(self.ln_1(x), positions, cache, layer, where)
@@ -217,12 +239,17 @@ class Embedding(nnx.Module):
 
 
 class GPT2(nnx.Module):
-    def __init__(self, cfg: GPT2Config, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
-        """Random init (std 0.02) with `rngs`; zeros without (to be overwritten by a loader)."""
-        self.config = cfg
+    def __init__(self, cfg: GPT2Config, dtype=jnp.float32, rngs: nnx.Rngs | None = None,
+                 scan_layers: bool = False):
+        """Random init (std 0.02) with `rngs`; zeros without (to be overwritten by a loader). `scan_layers`:
+        stacked layer parameters and a scanned forward (module docstring)."""
+        self.config, self.scan_layers = cfg, scan_layers
         self.wte = Embedding(cfg.padded_vocab_size, cfg.n_embd, dtype, rngs, 0.02)
         self.wpe = Embedding(cfg.n_positions, cfg.n_embd, dtype, rngs, 0.01)
-        self.h = nnx.List([Block(cfg, dtype, rngs) for _ in range(cfg.n_layer)])
+        if scan_layers:
+            self.h = Block(cfg, dtype, rngs, lead=(cfg.n_layer,))
+        else:
+            self.h = nnx.List([Block(cfg, dtype, rngs) for _ in range(cfg.n_layer)])
         self.ln_f = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, dtype)
 
     def __call__(self, tokens, positions, cache: KVCache | None = None, **where):
@@ -244,8 +271,19 @@ class GPT2(nnx.Module):
         """
         where = Where(slots, window, segments, blocks)
         x = self.wte.weight[...][tokens] + self.wpe.weight[...][positions]
-        for layer, block in enumerate(self.h):
-            x, cache = block(x, positions, cache, layer, where)
+        if self.scan_layers:
+            graphdef, stacked = nnx.split(self.h)
+
+            def layer(carry, xs):
+                x, cache = carry
+                index, params = xs
+                return nnx.merge(graphdef, params)(x, positions, cache, index, where), None
+
+            layers = jnp.arange(self.config.n_layer, dtype=jnp.int32)
+            (x, cache), _ = jax.lax.scan(layer, (x, cache), (layers, stacked))
+        else:
+            for index, block in enumerate(self.h):
+                x, cache = block(x, positions, cache, index, where)
         if select is not None:
             x = x.reshape(-1, x.shape[-1])[select]
         return self.ln_f(x), cache

@@ -52,7 +52,7 @@ from engine.processors import uses_penalties
 from engine.programs import Program, compile_all
 from engine.sampling import MAX_LOGPROBS, SlotParams
 from engine.scoring import Scored, score_packed
-from engine.sharding import make_mesh, named_sharding, per_shard, replicated, tree_shardings
+from engine.sharding import make_mesh, manual_specs, named_sharding, per_shard, replicated, tree_shardings
 
 __all__ = ["DecodeState", "PrefillRows", "Runner", "Sampled", "dummy_rows", "neutral_params"]
 
@@ -74,7 +74,10 @@ class Runner:
         # Fixed output shardings: the donated state comes back laid out as it went in (never resharded per
         # call); sampled ids come back replicated, so every process can read them.
         self.groups = slot_groups(ecfg.max_slots, self.mesh.shape["data"])
-        self.state_shardings = tree_shardings(self.mesh, state_axes(cfg, self.max_len, self.groups))
+        self.stacked = self._model(params).scan_layers  # the cache follows the model: one slab, or per layer
+        axes = state_axes(cfg, self.max_len, self.groups, self.stacked)
+        self.state_shardings = tree_shardings(self.mesh, axes)
+        self._state_spec = manual_specs(axes, _DATA_AXIS)  # per-`data`-shard programs: slots split
         outs = (self.state_shardings, replicated(self.mesh))
         self.state = self._initial_state(cache_dtype)
         self._prefill = Program("prefill", self._prefill_impl, donate_argnums=(1,), out_shardings=outs)
@@ -90,7 +93,8 @@ class Runner:
         s, v = self.ecfg.max_slots, self.cfg.padded_vocab_size
         shardings = self.state_shardings
         cache = KVCache.create(self.cfg, s, self.max_len, cache_dtype, (shardings.cache.k[0][0][0],
-                                                                         shardings.cache.lengths), self.groups)
+                                                                         shardings.cache.lengths), self.groups,
+                               self.stacked)
 
         def rest() -> DecodeState:
             params = SlotParams(*(jnp.asarray(a) for a in neutral_params(s)))
@@ -118,11 +122,11 @@ class Runner:
         self.trace_count += 1
         if self.mesh.shape["data"] == 1:
             return self._prefill_rows(params, state, rows, top)
-        args, specs = (params, state, rows), (_WHOLE, _DATA, _DATA)
+        args, specs = (params, state, rows), (_WHOLE, self._state_spec, _DATA)
         if top is not None:
             args, specs = args + (top,), specs + (_WHOLE,)
         shard = functools.partial(self._prefill_rows, manual=True)
-        return per_shard(shard, self.mesh, specs, _DATA, _DATA_AXIS)(*args)
+        return per_shard(shard, self.mesh, specs, (self._state_spec, _DATA), _DATA_AXIS)(*args)
 
     def _prefill_rows(self, params, state: DecodeState, rows: PrefillRows, top=None, manual: bool = False):
         p, v, s = rows.slots.shape[0], self.cfg.padded_vocab_size, state.tokens.shape[0]
@@ -173,8 +177,8 @@ class Runner:
         self.trace_count += 1
         if self.mesh.shape["data"] > 1:
             rows = functools.partial(self._decode_rows, window=window, manual=True)
-            return per_shard(rows, self.mesh, (_WHOLE, _DATA, _WHOLE, _DATA), (_DATA, _DATA_DIM1),
-                             _DATA_AXIS)(params, state, blocks, live)
+            return per_shard(rows, self.mesh, (_WHOLE, self._state_spec, _WHOLE, _DATA),
+                             (self._state_spec, _DATA_DIM1), _DATA_AXIS)(params, state, blocks, live)
         if width == self.ecfg.max_slots:
             return self._decode_rows(params, state, blocks, live, window)
         rest = dataclasses.replace(state, cache=None)

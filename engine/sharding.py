@@ -173,6 +173,17 @@ def tree_shardings(mesh: Mesh, axes_tree) -> object:
                         is_leaf=lambda x: isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x))
 
 
+def manual_specs(axes_tree, axes: frozenset[str]) -> object:
+    """A pytree of logical-axes tuples -> the same pytree of PartitionSpecs naming only the mesh axes in
+    `axes` (the `per_shard` specs of arrays whose other axes stay automatic)."""
+    def spec(logical) -> PartitionSpec:
+        mesh_axes = partition_spec(logical)
+        return PartitionSpec(*(a if a in axes else None for a in mesh_axes))
+
+    return jax.tree.map(spec, axes_tree,
+                        is_leaf=lambda x: isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x))
+
+
 def param_sharding_fn(mesh: Mesh):
     """`(path, shape) -> NamedSharding` for the loaders, from `engine.model.param_axes` and `RULES`."""
     def sharding_fn(path: str, shape: tuple[int, ...]) -> NamedSharding:

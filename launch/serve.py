@@ -47,7 +47,7 @@ from launch.vllm_api import add_routes
 
 log = logging.getLogger("launch.serve")
 ENGINE_FLAGS = ("max_slots", "max_seq_len", "decode_steps", "prefill_buckets", "prefill_token_budget", "mesh",
-                "seed", "enable_prefix_caching", "prefix_cache_max_blocks")
+                "seed", "enable_prefix_caching", "prefix_cache_max_blocks", "scan_layers")
 
 
 @dataclasses.dataclass

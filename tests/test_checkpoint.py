@@ -95,3 +95,29 @@ def test_orbax_format_on_a_plain_hf_folder_says_how_to_convert(tiny_model):
 def test_restore_with_the_wrong_config_fails_before_reading(saved_on_2x4, wrong, message):
     with pytest.raises(hf.CheckpointError, match=message + r" for GPT2Config.*python -m weights.convert"):
         checkpoint.restore(saved_on_2x4, wrong, jnp.float32)
+
+
+def test_restore_into_the_other_layer_layout(saved_on_2x4, tiny_model, tmp_path):
+    """A per-layer checkpoint restores into a scan_layers model (stacked on the devices), and one saved
+    from a scan_layers model restores per layer: the same numbers, placed per the rules, either way;
+    the stacked one's layer-count mismatch is named."""
+    cfg = hf.read_config(tiny_model)
+    mesh = mesh_of(2, 4)
+    _, per_layer = checkpoint.restore(saved_on_2x4, cfg, jnp.float32, param_sharding_fn(mesh))
+    _, stacked = checkpoint.restore(saved_on_2x4, cfg, jnp.float32, param_sharding_fn(mesh), scan_layers=True)
+    flat, flat_stacked = flat_params(per_layer), flat_params(stacked)
+    for name, arr in flat_stacked.items():
+        assert arr.sharding.spec == partition_spec(param_axes(name)), name
+        if name.startswith("h."):
+            for i in range(cfg.n_layer):
+                np.testing.assert_array_equal(np.asarray(arr[i]), np.asarray(flat[f"h.{i}.{name[2:]}"]))
+        else:
+            np.testing.assert_array_equal(np.asarray(arr), np.asarray(flat[name]))
+    out = checkpoint.save(tmp_path / "stacked", cfg, stacked)
+    _, back = checkpoint.restore(out, cfg, jnp.float32, param_sharding_fn(mesh))
+    for name, arr in flat_params(back).items():
+        assert arr.sharding.spec == partition_spec(param_axes(name)), name
+        np.testing.assert_array_equal(np.asarray(arr), np.asarray(flat[name]))
+    wrong = GPT2Config(n_layer=3, n_head=4, n_embd=64)
+    with pytest.raises(hf.CheckpointError, match=r"'h.attn.c_attn.bias' holds 2 layers, expected n_layer=3"):
+        checkpoint.restore(out, wrong, jnp.float32, scan_layers=True)

@@ -98,10 +98,13 @@ def test_budget_zero_keeps_no_free_blocks_and_changes_nothing(tiny_model, engine
     assert engine.scheduler.prefix_stats[2] == 0  # every request finished: nothing cached in free slots
 
 
-def test_sharded_engine_with_caching_matches_unsharded_without(tiny_model, engines):
+@pytest.mark.parametrize("scan", [False, True])
+def test_sharded_engine_with_caching_matches_unsharded_without(tiny_model, engines, scan):
+    """Also with `scan_layers` (one cache slab of every layer): extend, block copies and forks read and
+    write every layer of it."""
     _, off = engines
     mesh = make_mesh("data=2,model=2", jax.devices()[:4])
-    engine = Engine.from_pretrained(tiny_model, mesh=mesh, **OPTS)
+    engine = Engine.from_pretrained(tiny_model, mesh=mesh, scan_layers=scan, **OPTS)
     want = greedy_run(off)
     assert_same(greedy_run(engine), want)
     assert_same(greedy_run(engine), want)

@@ -66,13 +66,14 @@ def assert_rules_applied(engine: Engine) -> None:
         assert var[...].sharding.spec == partition_spec(param_axes(name)), name
     params, state = engine.runner.params, engine.runner.state
     assert params["wte"]["weight"].sharding.spec == P("model", None)
-    assert params["h"][0]["attn"]["c_attn"]["weight"].sharding.spec == P(None, None, "model", None)
-    assert params["h"][1]["attn"]["c_proj"]["weight"].sharding.spec == P("model", None, None)
-    assert params["h"][0]["mlp"]["c_fc"]["weight"].sharding.spec == P(None, "model")
-    assert params["h"][0]["mlp"]["c_proj"]["weight"].sharding.spec == P("model", None)
+    h, lead = (params["h"], (None,)) if engine.runner.stacked else (params["h"][1], ())  # stacked: [L, ...]
+    assert h["attn"]["c_attn"]["weight"].sharding.spec == P(*lead, None, None, "model", None)
+    assert h["attn"]["c_proj"]["weight"].sharding.spec == P(*lead, "model", None, None)
+    assert h["mlp"]["c_fc"]["weight"].sharding.spec == P(*lead, None, "model")
+    assert h["mlp"]["c_proj"]["weight"].sharding.spec == P(*lead, "model", None)
     assert params["ln_f"]["weight"].sharding.spec == P(None)
     blocks = jax.tree.leaves((state.cache.k, state.cache.v))
-    assert all(b.sharding.spec == P("data", "model", None, None) for b in blocks)
+    assert all(b.sharding.spec == P(None, "data", "model", None, None) for b in blocks)  # [layers, slots, ...]
     assert state.cache.lengths.sharding.spec == P("data")
     assert state.tokens.sharding.spec == P("data") and state.params.temperature.sharding.spec == P("data")
     assert state.keys.sharding.spec == P("data", None)
@@ -151,10 +152,10 @@ def test_sharded_engine_matches_unsharded(tiny_model, reference, data, model):
     engine = Engine.from_pretrained(tiny_model, mesh=mesh_of(data, model), **ENGINE_OPTS)
     assert engine.engine_config.mesh == f"data={data},model={model}"
     assert_rules_applied(engine)
-    k = engine.runner.state.cache.k[0][0][0]  # layer 0, slot group 0, block 0
+    k = engine.runner.state.cache.k[0][0][0]  # layer 0's slab, slot group 0, block 0
     groups = 4 if data == 1 else 1  # slot groups only when the slots are not split over devices
     assert len(engine.runner.state.cache.k[0]) == groups
-    assert k.addressable_shards[0].data.shape == (8 // data // groups, 4 // model, 32, 16)
+    assert k.addressable_shards[0].data.shape == (1, 8 // data // groups, 4 // model, 32, 16)
     got = run(engine)
     np.testing.assert_allclose(got["logits"], expected["logits"], rtol=0, atol=1e-4)
     assert got["greedy"] == expected["greedy"]
@@ -165,6 +166,21 @@ def test_sharded_engine_matches_unsharded(tiny_model, reference, data, model):
     assert [c.token_ids for c in engine.generate(PROMPTS, GREEDY)] == expected["greedy"]
     assert engine.runner.trace_count == traces  # the donated state came back in the same shardings
     assert_rules_applied(engine)
+
+
+@pytest.mark.parametrize("data,model", [(1, 1), (2, 4)])
+def test_scan_layers_engine_matches_the_per_layer_engine(tiny_model, reference, data, model):
+    """`scan_layers`: stacked parameters and one cache slab of every layer, the same results on any mesh."""
+    _, expected = reference
+    engine = Engine.from_pretrained(tiny_model, mesh=mesh_of(data, model), scan_layers=True, **ENGINE_OPTS)
+    assert engine.runner.stacked and engine.engine_config.scan_layers
+    cache = engine.runner.state.cache
+    assert len(cache.k) == 1 and cache.k[0][0][0].shape[0] == 2  # one slab holding both layers
+    assert_rules_applied(engine)
+    got = run(engine)
+    np.testing.assert_allclose(got["logits"], expected["logits"], rtol=0, atol=1e-4)
+    assert got["greedy"] == expected["greedy"] and got["sampled"] == expected["sampled"]
+    assert_same_logprobs(got["logprobs"], expected["logprobs"])
 
 
 def test_data_sharded_decode_runs_every_slot_and_moves_rows_across_shards(tiny_model, reference, monkeypatch):
@@ -187,7 +203,7 @@ def test_data_sharded_decode_runs_every_slot_and_moves_rows_across_shards(tiny_m
     cache = engine.runner.state.cache
     assert int(cache.lengths[1]) == int(cache.lengths[7]) > 0
     for blocks in (cache.k[0][0], cache.v[1][0]):
-        np.testing.assert_array_equal(np.asarray(blocks[0][1]), np.asarray(blocks[0][7]))
+        np.testing.assert_array_equal(np.asarray(blocks[0][:, 1]), np.asarray(blocks[0][:, 7]))
 
 
 def _collective_shapes(compiled) -> list[tuple[int, ...]]:

@@ -29,6 +29,25 @@ def test_warmup_compiles_every_program_once_and_reports_classes(tiny_engine):
     assert tiny_engine.warmup() == {}  # a second warm-up finds every program compiled
 
 
+def _decode_hlo_chars(layers: int, scan: bool) -> int:
+    """Size of the default decode program's HLO for a tiny dummy model of `layers` layers (lowered only)."""
+    cfg = preset("gpt2").__class__(n_layer=layers, n_head=2, n_embd=32)
+    from weights.loader import init_dummy
+
+    graphdef, params = init_dummy(cfg, np.float32, scan_layers=scan)
+    engine = Engine(cfg, graphdef, params, EngineConfig(max_slots=8, max_seq_len=256, scan_layers=scan), None)
+    decode = [(p, a) for p, _, a in engine.runner.programs((16,), (256,), (8,)) if p.name == "decode"]
+    program, args = decode[0]
+    return len(program.lower(*args).as_text())
+
+
+def test_scanned_layers_keep_programs_the_same_size_whatever_the_depth():
+    """With scan_layers a program holds one layer's code: 8 layers lower to the same HLO as 2 (the loop
+    over layers holds 4x the code), so compile time does not grow with depth."""
+    assert _decode_hlo_chars(8, True) < 1.05 * _decode_hlo_chars(2, True)
+    assert _decode_hlo_chars(8, False) > 3 * _decode_hlo_chars(2, False)
+
+
 def test_dummy_weights_compile_nothing():
     compiles = []
 

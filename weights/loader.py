@@ -108,8 +108,18 @@ def _span(s: slice, size: int) -> tuple[int, int]:
     return start, stop
 
 
+def _stacked(path: str) -> bool:
+    """`h.X` (all layers' X), not `h.{i}.X` (one layer's, as HF names it)."""
+    return path.startswith("h.") and not path.split(".")[1].isdigit()
+
+
 def _read_param(src: _Source, path: str, shape: tuple[int, ...], index: tuple[slice, ...], cfg: GPT2Config):
-    """The slice `index` of NNX parameter `path` (our layout), read from the HF tensor."""
+    """The slice `index` of NNX parameter `path` (our layout), read from the HF tensor(s): a stacked
+    layer parameter (`h.X`, [L, ...]) reads its layers' `h.{i}.X` one by one."""
+    if _stacked(path):
+        index = tuple(index) + (slice(None),) * (len(shape) - len(index))  # a whole array may come as ()
+        return np.stack([_read_param(src, f"h.{i}.{path[2:]}", shape[1:], index[1:], cfg)
+                         for i in range(*index[0].indices(shape[0]))])
     d, k = cfg.n_embd, cfg.head_dim
     if path.endswith("attn.c_attn.weight") or path.endswith("attn.c_attn.bias"):
         is_w = path.endswith("weight")
@@ -136,15 +146,17 @@ def _path_str(path: tuple) -> str:
     return ".".join(str(p) for p in path)
 
 
-def abstract_model(cfg: GPT2Config, dtype) -> tuple[nnx.GraphDef, nnx.State]:
+def abstract_model(cfg: GPT2Config, dtype, scan_layers: bool = False) -> tuple[nnx.GraphDef, nnx.State]:
     """Graph definition and an abstract (shape-only) state, with no memory allocated."""
-    return nnx.split(nnx.eval_shape(lambda: GPT2(cfg, dtype)))
+    return nnx.split(nnx.eval_shape(lambda: GPT2(cfg, dtype, scan_layers=scan_layers)))
 
 
-def load_safetensors(files: list[Path], cfg: GPT2Config, dtype, sharding_fn: ShardingFn | None = None):
-    """Read an HF checkpoint into (graphdef, state), each array placed per `sharding_fn(path, shape)`."""
+def load_safetensors(files: list[Path], cfg: GPT2Config, dtype, sharding_fn: ShardingFn | None = None,
+                     scan_layers: bool = False):
+    """Read an HF checkpoint into (graphdef, state), each array placed per `sharding_fn(path, shape)`
+    (`scan_layers`: the stacked layout, each layer read from its own HF tensors)."""
     src = _Source(files, cfg)
-    graphdef, abstract = abstract_model(cfg, dtype)
+    graphdef, abstract = abstract_model(cfg, dtype, scan_layers)
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
     def build(path: tuple, leaf) -> jax.Array:
@@ -165,11 +177,13 @@ def _keys(path) -> tuple:
     return keys[:-1] if keys and keys[-1] == "value" else keys
 
 
-def init_dummy(cfg: GPT2Config, dtype, seed: int = 0, sharding_fn: ShardingFn | None = None):
+def init_dummy(cfg: GPT2Config, dtype, seed: int = 0, sharding_fn: ShardingFn | None = None,
+               scan_layers: bool = False):
     """Random weights for a config (GPT-2's init: std 0.02, wpe 0.01, LayerNorms 1/0, biases 0), drawn on
     the host with NumPy per parameter (one stream per name and `seed`) and placed shard by shard: no
-    program is compiled, so a dummy gpt2 loads in about a second. For benchmarks and tests."""
-    graphdef, abstract = abstract_model(cfg, dtype)
+    program is compiled, so a dummy gpt2 loads in about a second. For benchmarks and tests. The same
+    seed gives the same weights in either layout (`scan_layers`)."""
+    graphdef, abstract = abstract_model(cfg, dtype, scan_layers)
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
     def build(path: tuple, leaf) -> jax.Array:
@@ -187,6 +201,9 @@ def init_dummy(cfg: GPT2Config, dtype, seed: int = 0, sharding_fn: ShardingFn | 
 
 
 def _dummy_param(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """One stream per HF name: a stacked layer parameter draws each layer as `h.{i}.X`."""
+    if _stacked(name):
+        return np.stack([_dummy_param(f"h.{i}.{name[2:]}", shape[1:], seed) for i in range(shape[0])])
     if name.endswith("bias"):
         return np.zeros(shape, np.float32)
     if ".ln_" in name or name.startswith("ln_"):
