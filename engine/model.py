@@ -16,7 +16,7 @@ Layers run as a Python loop (every program holds n_layer copies of the layer: co
 depth), or with `scan_layers` (MaxText's name) as one `lax.scan` over the stacked parameters, the KV cache
 in the carry, updated in place at the layer index: every program holds one layer's code whatever the
 depth, so it compiles several times faster, but each step slices every layer's weights and cache blocks
-out of the stacked arrays, which XLA:CPU copies (decode ~2x slower on CPU; see README).
+out of the stacked arrays, which XLA:CPU copies (decode ~1.6x slower on CPU; see README).
 `GPT2.hidden` stops before the LM head (final hidden states); `GPT2.__call__` applies `GPT2.logits` to them.
 LayerNorm, softmax and logits are computed in float32 whatever the parameter dtype.
 """
