@@ -84,18 +84,18 @@ def matmul_gflops(m: int = 256, k: int = 768, n: int = 3072, repeats: int = 20) 
     a, b = jnp.ones((m, k), jnp.float32), jnp.ones((k, n), jnp.float32)
     f = jax.jit(lambda x, y: x @ y)
     jax.block_until_ready(f(a, b))
-    best = 2 * m * k * n / _median_time(lambda: jax.block_until_ready(f(a, b)), repeats) / 1e9
+    best = 2 * m * k * n / median_time(lambda: jax.block_until_ready(f(a, b)), repeats) / 1e9
     try:
         import torch
 
         ta, tb = torch.ones(m, k), torch.ones(k, n)
-        best = max(best, 2 * m * k * n / _median_time(lambda: ta @ tb, repeats) / 1e9)
+        best = max(best, 2 * m * k * n / median_time(lambda: ta @ tb, repeats) / 1e9)
     except ImportError:
         pass
     return best
 
 
-def _median_time(fn, repeats: int) -> float:
+def median_time(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
         t = time.perf_counter()

@@ -34,6 +34,7 @@ class DecodeState:
     wants_logprobs: jax.Array  # bool[S]
     seen: jax.Array  # bool[S,V] prompt + generated tokens (repetition penalty)
     counts: jax.Array  # i32[S,V] generated-token counts (presence / frequency penalties)
+    banned: jax.Array  # u32[S,W] ids min_tokens holds back, bit set (engine.sampling.MinTokensBan), W = V/32
 
 
 def state_axes(cfg: GPT2Config, max_len: int, groups: int = 1, stacked: bool = False) -> DecodeState:
@@ -43,7 +44,7 @@ def state_axes(cfg: GPT2Config, max_len: int, groups: int = 1, stacked: bool = F
     return DecodeState(
         cache=KVCache.tree_of(cfg, max_len, CACHE_AXES, slot, groups, stacked), tokens=slot, steps=slot, keys=("slots", "key_data"),
         params=SlotParams(*(slot for _ in SlotParams._fields)), wants_logprobs=slot,
-        seen=("slots", "sampled_vocab"), counts=("slots", "sampled_vocab"))
+        seen=("slots", "sampled_vocab"), counts=("slots", "sampled_vocab"), banned=("slots", "vocab_bits"))
 
 
 class Sampled(NamedTuple):
@@ -71,6 +72,7 @@ class PrefillRows:
     keys: np.ndarray  # u32[P,2]
     wants_logprobs: np.ndarray  # bool[P]
     source: np.ndarray  # i32[P] the prompt whose tokens this entry samples after (a fork: its leader's)
+    banned: np.ndarray  # u32[P,W] each prompt's min_tokens bit set (engine.sampling.MinTokensBan)
 
 
 def neutral_params(rows: int) -> SlotParams:
@@ -78,8 +80,8 @@ def neutral_params(rows: int) -> SlotParams:
     return slot_params([SamplingParams(temperature=0.0)] * rows)
 
 
-def sample_step(logits, params: SlotParams, seen, counts, keys, steps, wants_logprobs) -> Sampled:
-    scores = process_logits(logits, params, seen, counts)
+def sample_step(logits, params: SlotParams, seen, counts, keys, steps, wants_logprobs, banned) -> Sampled:
+    scores = process_logits(logits, params, seen, counts, steps, banned)
     tokens = sample(scores, keys, steps, params.temperature == 0)
 
     def with_logprobs(_):
@@ -120,8 +122,8 @@ def put_rows(slots, target, rows):
 def store_first(state: DecodeState, cache: KVCache, rows: PrefillRows | ExtendRows, out: Sampled, seen,
                  counts, slots) -> DecodeState:
     """The state after a prefill or extend call: each sampled row's slot (`slots`, indices into `state`;
-    out of range: dropped) takes its first token, cache length, key, parameters and seen/counts (with that
-    token)."""
+    out of range: dropped) takes its first token, cache length, key, parameters, min_tokens bit set and
+    seen/counts (with that token)."""
     seen, counts = mark_seen(seen, counts, out.tokens)
     put = functools.partial(put_rows, slots)
     return DecodeState(
@@ -129,12 +131,14 @@ def store_first(state: DecodeState, cache: KVCache, rows: PrefillRows | ExtendRo
         tokens=put(state.tokens, out.tokens), steps=put(state.steps, jnp.ones(rows.slots.shape[0], jnp.int32)),
         keys=put(state.keys, rows.keys), params=SlotParams(*(put(a, r) for a, r in zip(state.params, rows.params))),
         wants_logprobs=put(state.wants_logprobs, rows.wants_logprobs),
-        seen=put(state.seen, seen), counts=put(state.counts, counts))
+        seen=put(state.seen, seen), counts=put(state.counts, counts), banned=put(state.banned, rows.banned))
 
 
-def dummy_rows(size: int, bucket: int, prompts: int, num_slots: int) -> PrefillRows:
-    """Padding-only rows (every slot index out of range): compiles a prefill program and changes nothing."""
+def dummy_rows(size: int, bucket: int, prompts: int, num_slots: int, words: int) -> PrefillRows:
+    """Padding-only rows (every slot index out of range): compiles a prefill program and changes nothing;
+    `words`: u32 words of a min_tokens bit set (`MinTokensBan.words`)."""
     return PrefillRows(np.zeros((size, bucket), np.int32), np.zeros((size, bucket), np.int32),
                        np.full((size, bucket), prompts, np.int32), np.ones(prompts, np.int32),
                        np.zeros(prompts, np.int32), np.full(prompts, num_slots, np.int32), neutral_params(prompts),
-                       np.zeros((prompts, 2), np.uint32), np.zeros(prompts, bool), np.arange(prompts, dtype=np.int32))
+                       np.zeros((prompts, 2), np.uint32), np.zeros(prompts, bool), np.arange(prompts, dtype=np.int32),
+                       np.zeros((prompts, words), np.uint32))

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from engine.prefix_plan import ExtendBatch
-from engine.sampling import SamplingParams, SlotParams, slot_params
+from engine.sampling import MinTokensBan, SamplingParams, SlotParams, slot_params
 
 
 @jax.tree_util.register_dataclass
@@ -28,6 +28,7 @@ class ExtendRows:
     params: SlotParams  # each [S]
     keys: np.ndarray  # u32[S,2]
     wants_logprobs: np.ndarray  # bool[S]
+    banned: np.ndarray  # u32[S,W] each row's min_tokens bit set (engine.sampling.MinTokensBan)
 
     @property
     def reach(self) -> list[int]:
@@ -35,7 +36,7 @@ class ExtendRows:
         return [int(n) if slot < len(self.slots) else 0 for slot, n in zip(self.slots, self.lengths)]
 
 
-def pack_extend(batch: ExtendBatch, num_slots: int, max_len: int) -> ExtendRows:
+def pack_extend(batch: ExtendBatch, num_slots: int, max_len: int, ban: MinTokensBan) -> ExtendRows:
     s, t = num_slots, batch.bucket
     tokens = np.zeros((s, t), np.int32)
     positions = np.full((s, t), max_len, np.int32)
@@ -43,6 +44,7 @@ def pack_extend(batch: ExtendBatch, num_slots: int, max_len: int) -> ExtendRows:
     lengths, slots = np.zeros(s, np.int32), np.full(s, s, np.int32)
     keys, wants = np.zeros((s, 2), np.uint32), np.zeros(s, bool)
     rows = [slot_params([SamplingParams(temperature=0.0)])] * s
+    requests = {}  # slot -> SamplingParams of its extending request
     for (slot, req), start in zip(batch.rows, batch.starts):
         m = req.prompt_len - start
         tokens[slot, :m] = req.prompt_token_ids[start:]
@@ -50,11 +52,12 @@ def pack_extend(batch: ExtendBatch, num_slots: int, max_len: int) -> ExtendRows:
         last[slot] += m - 1
         lengths[slot], slots[slot], keys[slot] = req.prompt_len, slot, req.key_data
         wants[slot] = req.params.logprobs is not None
-        rows[slot] = req.slot_row
+        rows[slot], requests[slot] = req.slot_row, req.params
     params = SlotParams(*(np.concatenate(column) for column in zip(*rows)))
-    return ExtendRows(tokens, positions, last, lengths, slots, params, keys, wants)
+    banned = ban.rows([requests.get(i) for i in range(s)])
+    return ExtendRows(tokens, positions, last, lengths, slots, params, keys, wants, banned)
 
 
-def dummy_extend_rows(num_slots: int, bucket: int, max_len: int) -> ExtendRows:
+def dummy_extend_rows(num_slots: int, bucket: int, max_len: int, ban: MinTokensBan) -> ExtendRows:
     """Padding-only rows: compiles an extend program and changes nothing."""
-    return pack_extend(ExtendBatch(bucket, (), ()), num_slots, max_len)
+    return pack_extend(ExtendBatch(bucket, (), ()), num_slots, max_len, ban)

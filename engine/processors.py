@@ -3,7 +3,9 @@
 Every parameter is a per-slot array (`SlotParams`), so new values never recompile; all functions are
 jit-compatible with static shapes. Invariants:
 - Order follows HF `generate`, then the extras: repetition penalty (prompt + generated tokens) ->
-  presence/frequency penalties (generated tokens, OpenAI) -> temperature -> top-k -> top-p -> min-p.
+  presence/frequency penalties (generated tokens, OpenAI) -> min_tokens (HF's MinNewTokensLength: a
+  row that has generated fewer than min_tokens tokens gets -inf at its banned ids, eos and stop ids, a
+  per-slot bit set) -> temperature -> top-k -> top-p -> min-p.
 - Removed tokens become -inf; padded vocab entries arrive as -inf and stay -inf.
 - A row with temperature 0 is greedy: penalties apply, the warpers (temperature .. min-p) do not.
 - Top-k, top-p and min-p never sort the vocab: top-k and top-p reduce to one score threshold per row,
@@ -41,12 +43,16 @@ class TokenLogprobs(NamedTuple):
     top_logprobs: jax.Array  # f32[S, n]
 
 
-def process_logits(logits: jax.Array, p: SlotParams, seen: jax.Array, counts: jax.Array) -> jax.Array:
+def process_logits(logits: jax.Array, p: SlotParams, seen: jax.Array, counts: jax.Array,
+                   steps: jax.Array | None = None, banned: jax.Array | None = None) -> jax.Array:
     """Scores f32[S, V] to sample from; `seen` bool[S, V] marks prompt + generated tokens, `counts`
-    i32[S, V] counts generated tokens only."""
+    i32[S, V] counts generated tokens only; `steps` i32[S] tokens generated so far and `banned` u32[S, W]
+    each row's min_tokens bit set (`engine.sampling.MinTokensBan`; None: no row bans anything)."""
     scores = logits.astype(jnp.float32)
     # Three [S, V] passes a step: skipped when no row uses a penalty (the common greedy batch job).
     scores = jax.lax.cond(jnp.any(uses_penalties(p)), apply_penalties, lambda s, *_: s, scores, p, seen, counts)
+    if banned is not None:
+        scores = apply_min_tokens(scores, p.min_tokens, steps, banned)
     greedy = p.temperature == 0
     # All-greedy calls (the common batch job) skip the warpers' [S, V] passes.
     return jax.lax.cond(jnp.all(greedy), lambda s, *_: s, _warp_sampling_rows, scores, p, greedy)
@@ -71,6 +77,20 @@ def apply_penalties(scores: jax.Array, p: SlotParams, seen: jax.Array, counts: j
     presence = p.presence_penalty[:, None] * (counts > 0)
     frequency = p.frequency_penalty[:, None] * counts.astype(jnp.float32)
     return scores - (presence + frequency)
+
+
+def apply_min_tokens(scores: jax.Array, min_tokens: jax.Array, steps: jax.Array, banned: jax.Array) -> jax.Array:
+    """-inf at each banned id (bit t % 32 of word t // 32 of `banned` u32[S, W]) of the rows that have
+    generated fewer than `min_tokens` tokens (`steps` i32[S] so far). One [S, V] pass, run only when some
+    row is still held back (the other calls pay one compare per slot)."""
+    held = steps < min_tokens
+
+    def ban(s: jax.Array) -> jax.Array:
+        bits = (banned[:, :, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1  # [S, W, 32]: token w * 32 + b
+        mask = bits.reshape(banned.shape[0], -1)[:, :s.shape[-1]] == 1
+        return jnp.where(mask & held[:, None], -jnp.inf, s)
+
+    return jax.lax.cond(jnp.any(held), ban, lambda s: s, scores)
 
 
 def apply_temperature(scores: jax.Array, temperature: jax.Array) -> jax.Array:

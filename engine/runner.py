@@ -50,7 +50,7 @@ from engine.extend import ExtendRows, dummy_extend_rows
 from engine.kv_cache import KVCache, slot_groups
 from engine.processors import uses_penalties
 from engine.programs import Program, compile_all
-from engine.sampling import MAX_LOGPROBS, SlotParams
+from engine.sampling import MAX_LOGPROBS, MinTokensBan, SlotParams
 from engine.scoring import Scored, score_packed
 from engine.sharding import make_mesh, manual_specs, named_sharding, per_shard, replicated, tree_shardings
 
@@ -70,6 +70,7 @@ class Runner:
         self.graphdef, self.params, self.cfg, self.ecfg = graphdef, params, cfg, ecfg
         self.mesh = make_mesh(mesh)
         self.max_len = min(ecfg.max_seq_len, cfg.n_positions)
+        self.ban = MinTokensBan(cfg.padded_vocab_size, cfg.eos_token_id)  # the packers' min_tokens bit sets
         self.trace_count = 0  # incremented whenever a program is traced: the no-recompile check reads it
         # Fixed output shardings: the donated state comes back laid out as it went in (never resharded per
         # call); sampled ids come back replicated, so every process can read them.
@@ -99,7 +100,8 @@ class Runner:
         def rest() -> DecodeState:
             params = SlotParams(*(jnp.asarray(a) for a in neutral_params(s)))
             return DecodeState(None, jnp.zeros(s, jnp.int32), jnp.zeros(s, jnp.int32), jnp.zeros((s, 2), jnp.uint32),
-                               params, jnp.zeros(s, bool), jnp.zeros((s, v), bool), jnp.zeros((s, v), jnp.int32))
+                               params, jnp.zeros(s, bool), jnp.zeros((s, v), bool), jnp.zeros((s, v), jnp.int32),
+                               jnp.zeros((s, self.ban.words), jnp.uint32))
 
         state = jax.jit(rest, out_shardings=dataclasses.replace(shardings, cache=None))()
         return dataclasses.replace(state, cache=cache)
@@ -153,7 +155,7 @@ class Runner:
         seen = jnp.zeros((p, v), bool).at[rows.segments, rows.tokens].set(True, mode="drop")[rows.source]
         counts = jnp.zeros((p, v), jnp.int32)
         out = sample_step(logits, rows.params, seen, counts, rows.keys, jnp.zeros(p, jnp.int32),
-                           rows.wants_logprobs)
+                          rows.wants_logprobs, rows.banned)
         state = store_first(state, cache, rows, out, seen, counts, slots)
         return state, (out if scored is None else (out, scored))
 
@@ -167,7 +169,8 @@ class Runner:
         marked = jnp.where(rows.positions < self.max_len, rows.tokens, v)  # padding: dropped
         seen = jnp.zeros((s, v), bool).at[jnp.arange(s)[:, None], marked].set(True, mode="drop")
         counts = jnp.zeros((s, v), jnp.int32)
-        out = sample_step(logits, rows.params, seen, counts, rows.keys, jnp.zeros(s, jnp.int32), rows.wants_logprobs)
+        out = sample_step(logits, rows.params, seen, counts, rows.keys, jnp.zeros(s, jnp.int32), rows.wants_logprobs,
+                          rows.banned)
         return store_first(state, cache, rows, out, seen, counts, rows.slots), out
 
     def _decode_impl(self, params, state: DecodeState, window: int, width: int, blocks, live):
@@ -202,7 +205,8 @@ class Runner:
             logits, cache = model(st.tokens[:, None], positions, st.cache, window=window, blocks=blocks,
                                   select=jnp.arange(st.tokens.shape[0]))
             logits = self._full_vocab(logits, "slots", manual)
-            out = sample_step(logits, st.params, st.seen, st.counts, st.keys, st.steps, st.wants_logprobs)
+            out = sample_step(logits, st.params, st.seen, st.counts, st.keys, st.steps, st.wants_logprobs,
+                              st.banned)
             # Only penalised rows ever read seen/counts, and a live penalised row keeps this true every
             # step, so skipping the two [S, V] passes otherwise loses nothing.
             seen, counts = jax.lax.cond(jnp.any(uses_penalties(st.params)), mark_seen, lambda s, c, _: (s, c),
@@ -263,7 +267,8 @@ class Runner:
         for bucket in buckets:
             data = self.mesh.shape["data"]
             for size in self.ecfg.prefill_batch_sizes(bucket, data):
-                rows = dummy_rows(size, bucket, self.ecfg.prefill_prompts(bucket, size, data), self.ecfg.max_slots)
+                rows = dummy_rows(size, bucket, self.ecfg.prefill_prompts(bucket, size, data), self.ecfg.max_slots,
+                                  self.ban.words)
                 out.append((self._prefill, prefill_key(rows), (self.params, self.state, rows)))
                 if score:
                     out.append((self._score_prefill, prefill_key(rows), (self.params, self.state, rows, np.int32(0))))
@@ -274,7 +279,7 @@ class Runner:
                 out.append((self._decode, (window, width), args))
         out.append((self._move, (), (self.state, np.int32(0), np.int32(0))))
         for bucket in extend or ():
-            rows = dummy_extend_rows(self.ecfg.max_slots, bucket, self.max_len)
+            rows = dummy_extend_rows(self.ecfg.max_slots, bucket, self.max_len, self.ban)
             blocks = np.zeros(len(self.state.cache.group_sizes), np.int32)
             out.append((self._extend, bucket, (self.params, self.state, rows, blocks)))
         if extend is not None:

@@ -5,8 +5,10 @@ defaults follow vLLM / HF `generate`; every invalid value raises a `ValueError` 
 bound. Every number is finite and bounded (the constants below; bools, NaN, infinities and over-long ints are
 rejected), so its per-slot float32/int32 row is finite: a request can never overflow inside a step.
 `SlotParams` stacks one SamplingParams per slot into fixed-dtype arrays [S], the pytree the compiled
-programs take, so a new value never recompiles. This module stays free of JAX (the scheduler imports it);
-the on-device processors and sampler live in `engine/processors.py`.
+programs take, so a new value never recompiles. `MinTokensBan` gives each request the token ids that
+`min_tokens` holds back (eos and its stop_token_ids) as a bit set over the padded vocab, one fixed-shape
+row per slot. This module stays free of JAX (the scheduler imports it); the on-device processors and
+sampler live in `engine/processors.py`.
 """
 from __future__ import annotations
 
@@ -31,7 +33,11 @@ class SamplingParams:
     vocabulary they change nothing); temperature 0 (greedy) or in TEMPERATURE_RANGE; top_p (0, 1]; min_p
     [0, 1]; repetition_penalty in REPETITION_PENALTY_RANGE; presence/frequency penalties [-2, 2]; seed None
     or [0, 2**64); stop non-empty strings; stop_token_ids ints in [0, 2**31); n [1, MAX_N]; logprobs None
-    or [0, MAX_LOGPROBS]."""
+    or [0, MAX_LOGPROBS]; min_tokens an int in [0, max_new_tokens].
+
+    `min_tokens` (vLLM's field; HF's `min_new_tokens`): until the request has generated that many tokens,
+    eos and its stop_token_ids score -inf before sampling (eos even with `ignore_eos`, as vLLM) and stop
+    strings are not looked for (a stop string completed by token `min_tokens` or later counts)."""
 
     max_new_tokens: int = 16
     temperature: float = 1.0
@@ -50,6 +56,7 @@ class SamplingParams:
     logprobs: int | None = None
     # Scoring (vLLM's name): the log-probability of every prompt token after the first, plus the top-N.
     prompt_logprobs: int | None = None
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -120,6 +127,9 @@ def _problems(p: SamplingParams) -> list[tuple[str, str]]:
     check("ignore_eos", isinstance(p.ignore_eos, bool), "a bool")
     check("include_stop_str_in_output", isinstance(p.include_stop_str_in_output, bool), "a bool")
     check("n", _int_in(p.n, 1, MAX_N), f"an int in [1, {MAX_N}]")
+    most = p.max_new_tokens if _is_int(p.max_new_tokens) and p.max_new_tokens >= 0 else MAX_INT
+    check("min_tokens", _int_in(p.min_tokens, 0, most),
+          f"an int in [0, {_short(most)}] (0 = off; at most max_new_tokens, the request's max tokens)")
     check("logprobs", p.logprobs is None or _int_in(p.logprobs, 0, MAX_LOGPROBS),
           f"None or an int in [0, {MAX_LOGPROBS}]")
     check("prompt_logprobs", p.prompt_logprobs is None or (_is_int(p.prompt_logprobs)
@@ -153,6 +163,7 @@ class SlotParams(NamedTuple):
     repetition_penalty: np.ndarray  # f32[S]
     presence_penalty: np.ndarray  # f32[S]
     frequency_penalty: np.ndarray  # f32[S]
+    min_tokens: np.ndarray  # i32[S] eos and stop ids are banned while a slot has generated fewer tokens
 
 
 _INT32_MAX = 2**31 - 1
@@ -167,6 +178,8 @@ def slot_params(params: Sequence[SamplingParams]) -> SlotParams:
 
     # Any top_k >= vocab size means off, so clipping to int32 changes nothing.
     top_k = np.array([min(p.top_k, _INT32_MAX) for p in params], dtype=np.int32).reshape(len(params))
+    # Past the context (<= 1024 positions) a larger min_tokens bans nothing more.
+    min_tokens = np.array([min(p.min_tokens, _INT32_MAX) for p in params], dtype=np.int32).reshape(len(params))
     row = SlotParams(
         temperature=column("temperature", np.float32),
         top_k=top_k,
@@ -175,11 +188,36 @@ def slot_params(params: Sequence[SamplingParams]) -> SlotParams:
         repetition_penalty=column("repetition_penalty", np.float32),
         presence_penalty=column("presence_penalty", np.float32),
         frequency_penalty=column("frequency_penalty", np.float32),
+        min_tokens=min_tokens,
     )
     for field, values in zip(SlotParams._fields, row):
         if not np.all(np.isfinite(values)):  # SamplingParams' bounds rule this out; never let it reach a step
             raise ValueError(f"SamplingParams.{field}: {values.tolist()} is not finite as {values.dtype}")
     return row
+
+
+@dataclasses.dataclass(frozen=True)
+class MinTokensBan:
+    """The token ids `min_tokens` holds back, per request, as a bit set over the padded vocab `vocab`:
+    token t is bit t % 32 of word t // 32 of a u32[words] row. vLLM's rule: eos (even with `ignore_eos`)
+    and the request's stop_token_ids; ids at or past `vocab` are never sampled, so never banned."""
+
+    vocab: int  # padded vocab size V
+    eos: int | None
+
+    @property
+    def words(self) -> int:
+        return -(-self.vocab // 32)
+
+    def rows(self, params: Sequence[SamplingParams | None]) -> np.ndarray:
+        """u32[len(params), words]: each request's banned ids; zeros for None and for min_tokens 0."""
+        out = np.zeros((len(params), self.words), np.uint32)
+        for i, p in enumerate(params):
+            if p is not None and p.min_tokens > 0:
+                ids = np.array([t for t in (self.eos, *p.stop_token_ids) if t is not None and t < self.vocab],
+                               np.int64)
+                np.bitwise_or.at(out[i], ids // 32, (np.uint32(1) << (ids % 32).astype(np.uint32)))
+        return out
 
 
 def seed_key_data(seed: int) -> np.ndarray:

@@ -17,7 +17,8 @@ Invariants:
   sampled token is pending, fed by the next decode call, which advances every decoded slot `k` positions.
 - A request with `max_new_tokens == 0` (scoring only) finishes ("length") at its prefill with no token.
 - Every accepted token is appended to `output_token_ids` (its extra to `output_extras` when extras are
-  given); tokens after a finish within one call are discarded.
+  given); tokens after a finish within one call are discarded. Only the length ends a request before its
+  `min_tokens`-th token (eos, stop ids and stop strings are held back until then).
 - Tokens reported for a slot whose request is no longer there (aborted in flight) are ignored.
 - One request's failure is its own: an exception while accepting its tokens (detokenising, stop strings)
   finishes it alone with finish_reason "error" (`Request.error` says why) and frees its slot; `fail_calls`
@@ -272,13 +273,18 @@ class Scheduler:
         return Update(request, tokens[:taken], request.finished, list(extras[:taken]))
 
     def _finish_reason(self, request: Request, token: int) -> str | None:
-        """Why the request finishes after accepting `token` (already appended), or None."""
+        """Why the request finishes after accepting `token` (already appended), or None. Before
+        `min_tokens` tokens nothing stops it but the length (the device never samples eos or a stop id
+        then; stop strings are not looked for, only text kept: vLLM's rule)."""
         params, eos = request.params, self.config.eos_token_id
-        if eos is not None and token == eos and not params.ignore_eos:
+        if len(request.output_token_ids) < params.min_tokens:
+            if request.text_stream is not None:
+                request.text_stream.push(token, check_stop=False)
+        elif eos is not None and token == eos and not params.ignore_eos:
             return "stop"
-        if token in params.stop_token_ids:
+        elif token in params.stop_token_ids:
             return "stop"
-        if request.text_stream is not None and request.text_stream.push(token):
+        elif request.text_stream is not None and request.text_stream.push(token):
             return "stop"
         if len(request.output_token_ids) >= params.max_new_tokens:
             return "length"

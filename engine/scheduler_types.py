@@ -15,7 +15,9 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     seed: int
-    text_stream: object | None = None  # duck-typed: push(token_id) -> bool (True: a stop string matched)
+    # duck-typed: push(token_id, check_stop=True) -> bool (True: a stop string matched; check_stop False,
+    # before min_tokens: keep the text, look for no stop string)
+    text_stream: object | None = None
     # The request's per-slot sampling row and PRNG key data, computed when it is made (opaque here).
     slot_row: object | None = None
     key_data: object | None = None

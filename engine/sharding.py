@@ -39,6 +39,7 @@ RULES: dict[str, str | None] = {
     "rows": None,  # prefill rows, within one data shard's part of a call (the runner splits calls per shard)
     "sampled_vocab": None,  # sampling sorts / argmaxes the full vocab of a row: gathered, never split
     "key_data": None,  # the 2 words of a threefry key
+    "vocab_bits": None,  # the u32 words of a per-slot bit set over the padded vocab (min_tokens' banned ids)
 }
 
 _SPEC = re.compile(r"^\s*(data|model)\s*=\s*(-1|\d+)\s*$")

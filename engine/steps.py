@@ -21,7 +21,7 @@ import numpy as np
 from engine.extend import pack_extend
 from engine.requests import TokenLogprob, attach_rows
 from engine.runner import PrefillRows, Runner, Sampled, neutral_params
-from engine.sampling import SlotParams
+from engine.sampling import MinTokensBan, SlotParams
 from engine.scheduler import DecodeBatch, ExtendBatch, PrefillBatch, Request, Scheduler, Update
 from engine.scoring import Scored, prompt_entries
 
@@ -33,9 +33,10 @@ class EngineFailedError(RuntimeError):
     """Device calls keep failing whatever they run: the engine cannot serve any request."""
 
 
-def pack_prefill(batch: PrefillBatch, num_slots: int) -> PrefillRows:
+def pack_prefill(batch: PrefillBatch, num_slots: int, ban: MinTokensBan) -> PrefillRows:
     """Host arrays for a prefill call: each prompt's tokens at its (row, offset), positions counting from 0
-    per prompt; padding tokens carry segment P (the prompt capacity), padding prompts slot S (dropped). A
+    per prompt; padding tokens carry segment P (the prompt capacity), padding prompts slot S (dropped);
+    each prompt's min_tokens bit set from `ban` (the runner's). A
     fork (an entry at an earlier entry's place) samples from that entry's last token: its `source`.
     With `batch.shards` > 1 each shard's part of the rows and prompts is a call of its own: segments,
     `source` and `last` count from its first prompt and row (the program runs them per shard)."""
@@ -48,7 +49,7 @@ def pack_prefill(batch: PrefillBatch, num_slots: int) -> PrefillRows:
     slots = np.full(cap, num_slots, np.int32)
     keys = np.zeros((cap, 2), np.uint32)
     wants = np.zeros(cap, bool)
-    source, first, params = np.arange(cap, dtype=np.int32) % local_cap, {}, [None] * cap
+    source, first, params, sampling = np.arange(cap, dtype=np.int32) % local_cap, {}, [None] * cap, [None] * cap
     for i, (slot, req), (row, start) in zip(batch.prompt_indices(), batch.rows, batch.placement()):
         attach_rows(req)  # a no-op for requests made by RequestFactory: their rows exist since submission
         end = start + req.prompt_len
@@ -60,10 +61,11 @@ def pack_prefill(batch: PrefillBatch, num_slots: int) -> PrefillRows:
         lengths[i], last[i], slots[i] = req.prompt_len, (row % local_rows) * width + end - 1, slot
         keys[i] = req.key_data
         wants[i] = req.params.logprobs is not None
-        params[i] = req.slot_row
+        params[i], sampling[i] = req.slot_row, req.params
     neutral = neutral_params(1)
     params = SlotParams(*(np.concatenate(column) for column in zip(*(p or neutral for p in params))))
-    return PrefillRows(tokens, positions, segments, lengths, last, slots, params, keys, wants, source)
+    return PrefillRows(tokens, positions, segments, lengths, last, slots, params, keys, wants, source,
+                       ban.rows(sampling))
 
 
 def _extra(req: Request | None, out: dict, index) -> TokenLogprob | None:
@@ -132,7 +134,7 @@ class StepRunner:
         return []
 
     def _prefill(self, batch: PrefillBatch) -> list[Update]:
-        rows = pack_prefill(batch, self.scheduler.config.max_slots)
+        rows = pack_prefill(batch, self.scheduler.config.max_slots, self.runner.ban)
         reqs = [r for _, r in batch.rows]
         tops = [r.params.prompt_logprobs for r in reqs if r.params.prompt_logprobs is not None]
         if tops:
@@ -145,7 +147,8 @@ class StepRunner:
 
     def _extend(self, batch: ExtendBatch) -> list[Update]:
         self.runner.copy(batch.copies)
-        out = self.runner.extend(pack_extend(batch, self.scheduler.config.max_slots, self.runner.max_len))
+        out = self.runner.extend(pack_extend(batch, self.scheduler.config.max_slots, self.runner.max_len,
+                                             self.runner.ban))
         return self._first_tokens(batch, out, [slot for slot, _ in batch.rows])
 
     def _first_tokens(self, batch: PrefillBatch | ExtendBatch, out: Sampled, index) -> list[Update]:

@@ -158,11 +158,13 @@ class TextStream:
         """True once a stop string has appeared."""
         return self._stopped
 
-    def push(self, token_id: int) -> bool:
-        """Feeds one generated token; returns True when a stop string has now appeared."""
+    def push(self, token_id: int, check_stop: bool = True) -> bool:
+        """Feeds one generated token; returns True when a stop string has now appeared. With `check_stop`
+        False (a request short of its min_tokens) the text grows but no stop string is looked for; later
+        pushes find only stop strings that end in their own new text (one straddling into it counts)."""
         if self._stopped or self._finished:
             return self._stopped
-        self._append(self._detok.push(token_id))
+        self._append(self._detok.push(token_id), check_stop)
         return self._stopped
 
     def pop_delta(self) -> str:
@@ -177,10 +179,13 @@ class TextStream:
         self._finished = True
         return self._take(len(self._text))
 
-    def _append(self, delta: str) -> None:
+    def _append(self, delta: str, check_stop: bool = True) -> None:
         """Adds `delta` and truncates at the earliest stop string that now occurs (after it with
         `include_stop`; of stop strings starting there, the shortest)."""
         if not delta:
+            return
+        if not check_stop:
+            self._text += delta
             return
         old_len = len(self._text)
         self._text += delta

@@ -6,9 +6,10 @@ Endpoints (vLLM's shapes): `POST /tokenize` `{"prompt": str, "add_special_tokens
 `{"prompt": str}`; `GET /tokenizer_info` -> the tokenizer's class and special tokens (lm-evaluation-harness'
 remote tokenizer reads `eos_token` there); `GET /version` -> `{"version"}`.
 
-Extra completion fields (`split_extras`): each vLLM field this engine honours is mapped here, one that it
-knows but cannot honour (e.g. `min_tokens` > 1) is a 400 naming it, and a field nobody knows is dropped
-with a warning in the log, as vLLM does.
+Extra completion fields (`split_extras`): each vLLM field this engine honours is mapped here (`min_tokens`,
+`prompt_logprobs`, `include_stop_str_in_output` become SamplingParams fields, validated there), one that it
+knows but cannot honour (e.g. `skip_special_tokens` false) is a 400 naming it, and a field nobody knows is
+dropped with a warning in the log, as vLLM does.
 """
 from __future__ import annotations
 
@@ -26,13 +27,13 @@ from engine.tokenizer import EOS_TOKEN
 log = logging.getLogger("launch.serve")
 
 # vLLM field -> the values this engine can honour (GPT-2 adds no special tokens; the output text never
-# holds any; the first token is always generated, so min_tokens <= 1 is always met).
+# holds any).
 HONOURED = {
     "add_special_tokens": (True, False), "skip_special_tokens": (True,), "spaces_between_special_tokens": (True,),
-    "min_tokens": (0, 1), "truncate_prompt_tokens": (None,),
-    "use_beam_search": (False,), "length_penalty": (1, 1.0), "detokenize": (True,),
+    "truncate_prompt_tokens": (None,), "use_beam_search": (False,), "length_penalty": (1, 1.0), "detokenize": (True,),
 }
-PASSED_ON = ("prompt_logprobs", "include_stop_str_in_output")  # vLLM fields that are SamplingParams fields of the same meaning
+# vLLM fields that are SamplingParams fields of the same meaning
+PASSED_ON = ("prompt_logprobs", "include_stop_str_in_output", "min_tokens")
 
 
 def split_extras(body: Mapping, known: set[str]) -> tuple[dict, dict]:

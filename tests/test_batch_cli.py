@@ -55,6 +55,7 @@ BAD_LINES = [
     ({"id": "too-long", "prompt_token_ids": [464] * 200}, "200 tokens"),
     ({"id": "empty", "prompt_token_ids": []}, "empty"),
     ({"id": "greedy-a", "prompt": "repeated id"}, "repeats an earlier line"),
+    ({"id": "bad-min-tokens", "prompt": "Hi", "max_tokens": 3, "min_tokens": 4}, "min_tokens: expected an int in [0, 3]"),
 ]
 GOOD_LINES = [
     greedy("greedy-a", "The capital of France is"),
@@ -73,6 +74,10 @@ OPENAI_LINES = [
     {"custom_id": "oa-temp", "url": "/v1/completions", "body": {"prompt": "a", "temperature": -1}},
     {"custom_id": "oa-score", "url": "/v1/completions",
      "body": {"prompt": "Say this is a test", "echo": True, "logprobs": 2, "max_tokens": 0}},
+    # min_tokens = max_tokens: the stop string is never looked for, so all 6 tokens come back
+    {"custom_id": "oa-min", "url": "/v1/completions",
+     "body": {"prompt": "Say this is a test", "max_tokens": 6, "min_tokens": 6, "temperature": 0, "stop": " "}},
+    {"custom_id": "oa-min-bad", "url": "/v1/completions", "body": {"prompt": "a", "min_tokens": -1}},
 ]
 SCORE_LINE = {"id": "score", "prompt": "Say this is", "prompt_logprobs": 1, "echo": True, "max_tokens": 2,
               "temperature": 0}
@@ -115,7 +120,7 @@ def test_bad_lines_get_error_naming_the_problem(mixed):
     for (_, fragment), out in zip(BAD_LINES, errors):
         assert fragment in out["error"], out
         assert set(out) == ({"id", "error"} if out["id"] is not None else {"id", "line", "error"})
-    assert "lines: 7 ok, 15 failed" in proc.stderr  # 5 native + 2 OpenAI ok; 11 native + 4 OpenAI failed
+    assert "lines: 8 ok, 17 failed" in proc.stderr  # 5 native + 3 OpenAI ok; 12 native + 5 OpenAI failed
     reused = re.search(r"prefix cache: (\d+)% of prompt tokens reused, (\d+) blocks cached", proc.stderr)
     # The summary carries the prefix-cache figures. Whether the n=2 line's samples fork here depends on
     # whether both find a free slot in one round (2 slots, requests queued ahead): forks are pinned by
@@ -171,8 +176,11 @@ def test_openai_batch_lines(mixed):
     assert scored["logprobs"]["token_logprobs"][0] is None and scored["logprobs"]["top_logprobs"][0] is None
     assert all(len(top) <= 2 for top in scored["logprobs"]["top_logprobs"][1:])
     assert scored["logprobs"]["text_offset"][:2] == [0, len("Say")]
+    held = outputs["oa-min"]["response"]["body"]["choices"][0]
+    assert held["finish_reason"] == "length" and held["text"].startswith(body["choices"][0]["text"])
+    assert " " in body["choices"][0]["text"]  # without min_tokens the stop string " " would have cut it
     for custom_id, fragment in [("oa-chat", "/v1/chat/completions"), ("oa-many", "2 prompts"),
-                                ("oa-echo", "echo"), ("oa-temp", "temperature")]:
+                                ("oa-echo", "echo"), ("oa-temp", "temperature"), ("oa-min-bad", "min_tokens")]:
         out = outputs[custom_id]
         assert out["response"] is None and fragment in out["error"]["message"], out
         assert out["error"]["code"]

@@ -253,8 +253,8 @@ def test_nothing_compiles_after_warmup(engine):
               SamplingParams(temperature=0.0, repetition_penalty=1.4, logprobs=0, max_new_tokens=7),
               SamplingParams(temperature=1.0, presence_penalty=0.5, frequency_penalty=1.5, max_new_tokens=8),
               SamplingParams(temperature=0.5, top_k=3, top_p=0.9, min_p=0.05, seed=2**63 + 1, max_new_tokens=4),
-              SamplingParams(temperature=2.0, stop_token_ids=(1, 2), max_new_tokens=20, logprobs=20),
-              SamplingParams(temperature=0.0, max_new_tokens=30)]
+              SamplingParams(temperature=2.0, stop_token_ids=(1, 2), max_new_tokens=20, logprobs=20, min_tokens=10),
+              SamplingParams(temperature=0.0, max_new_tokens=30, min_tokens=3)]
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         out = engine.generate(prompts, params)

@@ -169,7 +169,7 @@ def test_vllm_fields_prompt_logprobs_and_unknown_fields(server):
     kept = _complete(url, prompt=ids, max_tokens=8, temperature=0, stop=[stop],
                      include_stop_str_in_output=True).json()["choices"][0]["text"]
     assert kept == cut + stop == full[: full.index(stop) + len(stop)]
-    for field, value in (("min_tokens", 4), ("include_stop_str_in_output", "yes"), ("prompt_logprobs", 50)):
+    for field, value in (("min_tokens", 17), ("include_stop_str_in_output", "yes"), ("prompt_logprobs", 50)):
         r = _complete(url, prompt="x", **{field: value})
         assert r.status_code == 400 and r.json()["error"]["param"] == field, r.json()
 

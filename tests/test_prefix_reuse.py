@@ -73,6 +73,20 @@ def test_prompt_logprobs_requests_match_caching_off(engines):
         assert_same_logprobs(g.prompt_logprobs[1:], w.prompt_logprobs[1:])
 
 
+def test_min_tokens_bans_through_extend_and_fork(engines):
+    """Each prompt bans its own first two greedy tokens (stop ids) for 5 tokens: extended, forked and
+    cached prompts carry their ban rows as a plain prefill does."""
+    on, off = engines
+    free = greedy_run(off)
+    params = [dataclasses.replace(GREEDY, min_tokens=5, stop_token_ids=tuple(c.token_ids[:2])) for c in free]
+    traces = on.runner.trace_count
+    on.generate(PROMPTS, GREEDY)  # the prefix is cached
+    got, want = on.generate(PROMPTS, params), off.generate(PROMPTS, params)
+    assert_same(got, want)
+    assert all(c.token_ids[0] != f.token_ids[0] for c, f in zip(want, free))  # the ban changed every request
+    assert on.runner.trace_count == traces
+
+
 @pytest.mark.parametrize("prompt,penalty", [(PREFIX[:40], 1.3), (PREFIX[:40], 1.0), (PREFIX + PREFIX[:20], 1.3),
                                             (PREFIX + PREFIX[:20], 1.0)])
 def test_n_samples_fork_one_prefill_and_match_separate_requests(engines, prompt, penalty):

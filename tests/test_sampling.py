@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from transformers.generation.logits_process import (
+    MinNewTokensLengthLogitsProcessor,
     MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
@@ -18,7 +19,7 @@ from transformers.generation.logits_process import (
 
 from engine import processors
 from engine.processors import argmax_rows, process_logits, sample, top_logprobs
-from engine.sampling import SamplingParams, SlotParams, broadcast_params, seed_key_data, slot_params
+from engine.sampling import MinTokensBan, SamplingParams, SlotParams, broadcast_params, seed_key_data, slot_params
 
 PAD = 4  # trailing padded vocab entries, -inf like the engine's padded logits
 process = jax.jit(process_logits)
@@ -71,11 +72,60 @@ def assert_same_scores(ours: np.ndarray, ref: np.ndarray) -> None:
     ("temperature", -0.5), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1), ("n", 0), ("logprobs", 21),
     ("min_p", 1.5), ("repetition_penalty", 0.0), ("presence_penalty", 2.5), ("frequency_penalty", -3.0),
     ("max_new_tokens", 0), ("seed", -1), ("seed", 2**64), ("stop", ("",)), ("stop_token_ids", (-1,)),
-    ("ignore_eos", 1), ("top_k", 2.0), ("temperature", float("nan")),
+    ("ignore_eos", 1), ("top_k", 2.0), ("temperature", float("nan")), ("min_tokens", -1), ("min_tokens", 17),
+    ("min_tokens", 2.0), ("min_tokens", True), ("min_tokens", "3"), ("min_tokens", 2**70),
 ])
 def test_invalid_params_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"SamplingParams.{field}:"):
         SamplingParams(**{field: value})
+
+
+def test_min_tokens_is_bounded_by_max_new_tokens():
+    assert SamplingParams(max_new_tokens=5, min_tokens=5).min_tokens == 5
+    with pytest.raises(ValueError, match=r"SamplingParams.min_tokens: expected an int in \[0, 4\].* got 5"):
+        SamplingParams(max_new_tokens=4, min_tokens=5)
+    with pytest.raises(ValueError, match="SamplingParams.min_tokens: .* got an int of 16610 bits"):
+        SamplingParams(max_new_tokens=2**63 - 1, min_tokens=10**5000)
+    with pytest.raises(ValueError, match="SamplingParams.min_tokens"):  # scoring only generates nothing
+        SamplingParams(max_new_tokens=0, prompt_logprobs=0, min_tokens=1)
+    big = slot_params([SamplingParams(max_new_tokens=2**62, min_tokens=2**61)])
+    assert big.min_tokens.dtype == np.int32 and big.min_tokens[0] == 2**31 - 1
+
+
+def test_min_tokens_ban_rows_set_eos_and_stop_ids():
+    ban = MinTokensBan(vocab=96, eos=95)
+    rows = ban.rows([SamplingParams(min_tokens=2, stop_token_ids=(0, 33, 33, 96, 2**31 - 1)),
+                     SamplingParams(stop_token_ids=(5,)), None, SamplingParams(min_tokens=1, ignore_eos=True)])
+    assert rows.shape == (4, 3) and rows.dtype == np.uint32
+    bits = np.unpackbits(rows.view(np.uint8), bitorder="little").reshape(4, 96)
+    assert [np.flatnonzero(b).tolist() for b in bits] == [[0, 33, 95], [], [], [95]]  # eos even with ignore_eos
+    assert MinTokensBan(vocab=100, eos=None).words == 4
+
+
+def test_min_tokens_matches_hf_min_new_tokens():
+    """Rows that generated fewer than min_tokens tokens get -inf at eos and their stop ids (HF's
+    MinNewTokensLengthLogitsProcessor with eos_token_id = that set); the others pass through; the ban
+    comes before the warpers (a banned top-1 leaves top_k=2 the next two)."""
+    vocab, eos = 64, 60
+    logits = random_logits(4, vocab, seed=3)
+    logits[:, eos] = 50.0
+    params = [SamplingParams(min_tokens=3, stop_token_ids=(7,)), SamplingParams(min_tokens=3),
+              SamplingParams(min_tokens=2, temperature=0.5, top_k=2), SamplingParams()]
+    steps = np.array([2, 3, 0, 0], np.int32)
+    banned = MinTokensBan(vocab, eos).rows(params)
+    seen, counts = seen_counts(np.zeros((4, 0), int), vocab)
+    ours = np.asarray(jax.jit(process_logits)(logits, slot_params(params), seen, counts, steps, banned))
+    expected = []
+    for r, (p, done) in enumerate(zip(params, steps)):
+        row = torch.from_numpy(logits[r:r + 1].copy())
+        ids = torch.zeros((1, 5 + int(done)), dtype=torch.long)
+        row = MinNewTokensLengthLogitsProcessor(5, p.min_tokens, [eos, *p.stop_token_ids])(ids, row)
+        if p.top_k:
+            row = TopKLogitsWarper(p.top_k)(ids, TemperatureLogitsWarper(p.temperature)(ids, row))
+        expected.append(row.numpy()[0])
+    assert_same_scores(ours, np.stack(expected))
+    assert np.isneginf(ours[0, [7, eos]]).all() and np.isfinite(ours[1, eos]) and np.isneginf(ours[2, eos])
+    assert np.isfinite(ours[2]).sum() == 2
 
 
 def test_valid_params_and_broadcast():
@@ -361,9 +411,9 @@ def test_new_parameter_values_never_recompile():
     traces = []
 
     @jax.jit
-    def step(logits, p: SlotParams, seen, counts, key_data, steps):
+    def step(logits, p: SlotParams, seen, counts, key_data, steps, banned):
         traces.append(1)
-        return sample(process_logits(logits, p, seen, counts), key_data, steps, p.temperature == 0)
+        return sample(process_logits(logits, p, seen, counts, steps, banned), key_data, steps, p.temperature == 0)
 
     logits, ids = random_logits(4, 64), history(4, 64)
     seen, counts = seen_counts(ids, 64)
@@ -373,9 +423,12 @@ def test_new_parameter_values_never_recompile():
         [SamplingParams(top_k=3, temperature=0.5), SamplingParams(top_p=0.8), SamplingParams(min_p=0.1),
          SamplingParams(temperature=0.0, repetition_penalty=1.5, presence_penalty=1.0)],
         [dataclasses.replace(SamplingParams(), top_k=2**40, frequency_penalty=2.0)] * 4,
+        [SamplingParams(min_tokens=5, stop_token_ids=(1, 2)), SamplingParams(temperature=0.0, min_tokens=16)] * 2,
     ]
+    ban = MinTokensBan(64, 3)
     for i, params in enumerate(variants):
-        tokens = step(logits, slot_params(params), seen, counts, keys([i] * 4), np.full(4, i, np.int32))
+        tokens = step(logits, slot_params(params), seen, counts, keys([i] * 4), np.full(4, i, np.int32),
+                      ban.rows(params))
         assert tokens.shape == (4,) and tokens.dtype == jnp.int32
     assert len(traces) == 1
 

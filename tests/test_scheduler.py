@@ -47,10 +47,10 @@ class FakeStream:
     def __init__(self, stop: str) -> None:
         self.stop, self.text, self.pushed = stop, "", []
 
-    def push(self, token_id: int) -> bool:
+    def push(self, token_id: int, check_stop: bool = True) -> bool:
         self.pushed.append(token_id)
         self.text += chr(ord("a") + token_id % 26)
-        return self.stop in self.text
+        return check_stop and self.stop in self.text
 
 
 # -- configuration and add() ---------------------------------------------------------------------
@@ -328,6 +328,21 @@ def test_text_stream_stop_string():
     req = run_one(make_request("a", stream=stream), [1, 2, 3, 4])
     assert req.finish_reason == "stop" and req.output_token_ids == [1, 2, 3]
     assert stream.text == "bcd"
+
+
+def test_min_tokens_holds_back_eos_stop_ids_and_stop_strings_until_reached():
+    """Tokens before the min_tokens-th stop nothing (the device bans eos / stop ids then; the host does not
+    rely on it); from the min_tokens-th on, eos, stop ids and stop strings stop as usual."""
+    stream = FakeStream(stop="cd")  # 2 -> "c", 3 -> "d"
+    req = run_one(make_request("a", stream=stream, min_tokens=4, stop_token_ids=(11,)), [2, 3, EOS, 11, 4])
+    assert req.finish_reason == "stop" and req.output_token_ids == [2, 3, EOS, 11]
+    assert stream.pushed == [2, 3, EOS]  # held-back tokens keep their text; the stopping stop id does not
+    req = run_one(make_request("b", stream=FakeStream(stop="cd"), min_tokens=2), [2, 3, 4])
+    assert req.finish_reason == "stop" and req.output_token_ids == [2, 3]  # completed by token 2: counts
+    req = run_one(make_request("c", min_tokens=3), [EOS, EOS, EOS, 5])
+    assert req.finish_reason == "stop" and req.output_token_ids == [EOS, EOS, EOS]
+    req = run_one(make_request("d", min_tokens=3, max_new_tokens=3), [EOS, EOS, 5, 6])
+    assert req.finish_reason == "length" and req.output_token_ids == [EOS, EOS, 5]
 
 
 def test_max_new_tokens_gives_length():

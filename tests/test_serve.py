@@ -160,6 +160,20 @@ def test_stop_string_cuts_text_in_both_modes(served):
     assert "".join(c.choices[0].text for c in chunks) == cut.text and chunks[-1].choices[0].finish_reason == "stop"
 
 
+def test_min_tokens_holds_back_a_stop_token(served):
+    """The greedy first token as a stop id ends a request at once; with min_tokens 5 it is banned (the
+    first token changes) and the request runs on to max_tokens."""
+    kw = dict(prompt="Hello there", max_tokens=8, temperature=0)
+    first = served.post({**kw, "max_tokens": 1}).json()["choices"][0]["text"]
+    [stop_id] = httpx.post(f"{served.url}/tokenize", json={"prompt": first}, timeout=10).json()["tokens"]
+    stopped = served.post({**kw, "stop_token_ids": [stop_id]}).json()
+    assert stopped["usage"]["completion_tokens"] == 1 and stopped["choices"][0]["finish_reason"] == "stop"
+    held = served.post({**kw, "stop_token_ids": [stop_id], "min_tokens": 5}).json()
+    assert held["usage"]["completion_tokens"] >= 5 and not held["choices"][0]["text"].startswith(first)
+    via_client = served.client.completions.create(model=served.model, **kw, extra_body={"min_tokens": 8})
+    assert via_client.usage.completion_tokens == 8
+
+
 def test_logprobs_and_usage_chunk(served):
     body = {"prompt": "Hi", "max_tokens": 3, "logprobs": 2, "stream": True, "stream_options": {"include_usage": True}}
     with httpx.stream("POST", f"{served.url}/v1/completions", json=body, timeout=60) as r:
@@ -177,7 +191,10 @@ def test_logprobs_and_usage_chunk(served):
     ({"prompt": "x", "max_tokens": -1}, "max_tokens"), ({"prompt": "x", "temperature": "hot"}, "temperature"),
     ({"prompt": "x", "top_p": 2}, "top_p"), ({"prompt": "x", "n": 0}, "n"), ({"prompt": "x", "stop": 5}, "stop"),
     ({"prompt": "x", "logprobs": 50}, "logprobs"), ({"prompt": "x", "stream": "yes"}, "stream"),
-    ({"prompt": "x", "echo": "yes"}, "echo"), ({"prompt": "x", "min_tokens": 5}, "min_tokens"),
+    ({"prompt": "x", "echo": "yes"}, "echo"), ({"prompt": "x", "min_tokens": -1}, "min_tokens"),
+    ({"prompt": "x", "max_tokens": 4, "min_tokens": 5}, "min_tokens"), ({"prompt": "x", "min_tokens": 1.5}, "min_tokens"),
+    ({"prompt": "x", "min_tokens": "3"}, "min_tokens"), ({"prompt": "x", "min_tokens": True}, "min_tokens"),
+    ({"prompt": "x", "max_tokens": 16, "min_tokens": 10**30}, "min_tokens"),
     ({"prompt": "x", "seed": -1}, "seed"), ({"prompt": "x", "presence_penalty": 3}, "presence_penalty"),
 ])
 def test_bad_field_gets_openai_error_400(served, body, param):
