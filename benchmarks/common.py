@@ -41,15 +41,17 @@ def percentile(values, q: float) -> float:
     return float(np.percentile(values, q)) if len(values) else float("nan")
 
 
-def engine_run(engine, wl: Workload) -> dict:
-    """Run a workload through the engine's step loop (all requests queued at t=0), greedy, eos ignored.
+def engine_run(engine, wl: Workload, seed: int = 1) -> dict:
+    """Run a workload through the engine's step loop (all requests queued at t=0), greedy, eos ignored;
+    `seed` draws the prompts' tokens. An untimed warm-up of 4 short requests draws its own (a prefix
+    cache must not find the timed prompts' blocks there).
 
     Returns output tokens/s over the wall time and per-request TTFT / TPOT in milliseconds."""
     from engine import SamplingParams
 
-    def submit(count=None, max_out=None):
+    def submit(count=None, max_out=None, tokens_seed=seed):
         reqs = []
-        for prompt, out_len in list(zip(wl.prompts(), wl.output_lens))[:count]:
+        for prompt, out_len in list(zip(wl.prompts(seed=tokens_seed), wl.output_lens))[:count]:
             out_len = min(out_len, max_out or out_len)
             sp = SamplingParams(max_new_tokens=out_len, temperature=0.0, ignore_eos=True)
             (req,) = engine.requests.make(prompt, sp)
@@ -57,7 +59,7 @@ def engine_run(engine, wl: Workload) -> dict:
             reqs.append(req)
         return reqs
 
-    warm = submit(count=4, max_out=4)  # untimed: first-call allocations (programs are compiled already)
+    warm = submit(count=4, max_out=4, tokens_seed=seed + 1)  # untimed: first-call allocations (compiled already)
     while not all(r.finished for r in warm):
         engine.step()
     start = time.perf_counter()

@@ -197,35 +197,49 @@ class KVCache:
 
     def copy_slot(self, src, dst) -> KVCache:
         """Slot dst takes slot src's K/V and length (traced slot indices, any groups): one program for every
-        pair. Each block array gives one row (the source's group counts) and takes one row, in place."""
-        moved = self.copy_blocks(src, dst, len(self.k[0][0]))
+        pair."""
+        dsts, counts = jnp.reshape(dst, (1,)), jnp.full((1,), len(self.k[0][0]), jnp.int32)
+        moved = self.copy_blocks(src, dsts, counts, 1)
         return dataclasses.replace(moved, lengths=self.lengths.at[dst].set(self.lengths[src]))
 
-    def copy_blocks(self, src, dst, count) -> KVCache:
-        """Slot dst's first `count` blocks (traced, like the slots) take slot src's; lengths unchanged. Only
-        the rows involved are read and written, all layers of a slab at once (`lax.switch` / `lax.cond` on the
-        slots' groups and on the block index): a select over every group would stream the whole cache per
-        call."""
+    def copy_blocks(self, src, dsts, counts, n) -> KVCache:
+        """For i < n: slot dsts[i]'s first counts[i] blocks take slot src's (traced: src and n i32[],
+        dsts and counts i32[F]); lengths unchanged; no dst may be src. One call serves every destination
+        of a source (all forks of a prompt): src's rows are read once into rows of their own (`lax.switch`
+        on its group), then a loop over the n destinations writes each block row in place, a scatter per
+        group array (dropped outside the destination's group or past its count), all layers of a slab at
+        once. Writing a row sliced out
+        of the array being written would make XLA:CPU copy that whole array first (and a select over every
+        group streams the whole cache), so the reads come first."""
         starts = [sum(self.group_sizes[:g]) for g in range(len(self.group_sizes))]  # every slab: same groups
 
         def group_of(slot):
-            return sum((slot >= s).astype(jnp.int32) for s in starts[1:]) if len(starts) > 1 else jnp.int32(0)
+            return sum((slot >= s).astype(jnp.int32) for s in starts[1:]) if starts[1:] else jnp.zeros_like(slot)
 
-        src_g, dst_g = group_of(src), group_of(dst)
-        src_i, dst_i = src - jnp.asarray(starts)[src_g], dst - jnp.asarray(starts)[dst_g]
+        src_g, dst_g = group_of(src), group_of(dsts)
+        src_i, dst_i = src - jnp.asarray(starts)[src_g], dsts - jnp.asarray(starts)[dst_g]
 
-        def move(groups: Groups) -> Groups:
-            out = [list(g) for g in groups]
-            for b in range(len(groups[0])):
-                row = jax.lax.switch(src_g, [lambda g=g: jax.lax.dynamic_index_in_dim(g[b], src_i, 1)
-                                             for g in groups])
-                for g in range(len(groups)):
-                    out[g][b] = jax.lax.cond((dst_g == g) & (b < count),
-                                             lambda a: jax.lax.dynamic_update_index_in_dim(a, row, dst_i, 1),
-                                             lambda a: a, out[g][b])
-            return tuple(tuple(g) for g in out)
+        def read(groups: Groups) -> list[jax.Array]:  # src's row of each block, [layers, 1, H, block, K]
+            return [jax.lax.switch(src_g, [lambda g=g, b=b: jax.lax.dynamic_index_in_dim(g[b], src_i, 1)
+                                           for g in groups]) for b in range(len(groups[0]))]
 
-        return KVCache(tuple(map(move, self.k)), tuple(map(move, self.v)), self.lengths)
+        def write(groups: Groups, rows: list[jax.Array], i) -> Groups:
+            out = []
+            for g, blocks in enumerate(groups):
+                size = blocks[0].shape[1]
+                mine = dst_g[i] == g
+                index = [jnp.where(mine & (b < counts[i]), dst_i[i], size)[None] for b in range(len(blocks))]
+                out.append(tuple(a.at[:, j].set(row, mode="drop") for a, j, row in zip(blocks, index, rows)))
+            return tuple(out)
+
+        rows_k, rows_v = [read(g) for g in self.k], [read(g) for g in self.v]
+
+        def one(i, kv: tuple[Slabs, Slabs]) -> tuple[Slabs, Slabs]:
+            k, v = kv
+            return tuple(write(g, r, i) for g, r in zip(k, rows_k)), tuple(write(g, r, i) for g, r in zip(v, rows_v))
+
+        k, v = jax.lax.fori_loop(0, n, one, (self.k, self.v))
+        return KVCache(k, v, self.lengths)
 
 
 def _swap(slabs: Slabs, index: int, new: Groups) -> Slabs:

@@ -14,8 +14,9 @@ Programs (a fixed set, all compiled by `warmup`):
       decode), holding up to T of its prompt's remaining tokens, which attend to the slot's cache blocks in
       place (the model's windowed path with T tokens per row; `engine.extend`); first tokens sampled and
       per-slot state set as in prefill. One program per extend bucket, all slots, the whole context;
-  copy: slot dst's first n blocks take slot src's (traced src, dst, n: one program), cache only, for
-      prefix-cache hits and n > 1 forks;
+  copy: up to S - 1 destination slots each take their first blocks from one source slot (traced source,
+      destinations and block counts: one program), cache only, for prefix-cache hits and n > 1 forks (all
+      forks of a prompt in one call);
   score-prefill(bucket T, rows B): the same prefill, also scoring every packed prompt token (the LM head of
       all B*T tokens, chunk by chunk, log-softmaxed, gathered at each token's next token in its prompt, plus
       the top-N: `engine.scoring`). A separate program, used only for calls holding a `prompt_logprobs`
@@ -236,9 +237,16 @@ class Runner:
         return out
 
     def copy(self, copies) -> None:
-        """For each (src, dst, blocks) in order: slot dst's first `blocks` cache blocks take slot src's."""
+        """For each (src, dst, blocks): slot dst's first `blocks` cache blocks take slot src's. One call per
+        source slot (all forks of one prompt are one call); no slot may be both a source and a destination
+        (the copies then commute)."""
+        by_src: dict[int, list[tuple[int, int]]] = {}
         for src, dst, count in copies:
-            cache = self._copy((), self.state.cache, np.int32(src), np.int32(dst), np.int32(count))
+            by_src.setdefault(src, []).append((dst, count))
+        if set(by_src) & {dst for _, dst, _ in copies}:
+            raise ValueError(f"copy: a slot is both a source and a destination in {copies}")
+        for src, targets in by_src.items():
+            cache = self._copy((), self.state.cache, np.int32(src), *copy_targets(targets, self.ecfg.max_slots))
             self.state = dataclasses.replace(self.state, cache=cache)
 
     def decode(self, window: int, width: int | None = None, reach=None) -> Sampled:
@@ -283,7 +291,7 @@ class Runner:
             blocks = np.zeros(len(self.state.cache.group_sizes), np.int32)
             out.append((self._extend, bucket, (self.params, self.state, rows, blocks)))
         if extend is not None:
-            out.append((self._copy, (), (self.state.cache, np.int32(0), np.int32(0), np.int32(0))))
+            out.append((self._copy, (), (self.state.cache, np.int32(0), *copy_targets([], self.ecfg.max_slots))))
         return out
 
     def warmup(self, buckets: tuple[int, ...], windows: tuple[int, ...], widths: tuple[int, ...] = (),
@@ -296,3 +304,12 @@ class Runner:
     def num_compiled(self) -> int:
         programs = (self._prefill, self._score_prefill, self._decode, self._move, self._extend, self._copy)
         return sum(len(p) for p in programs)
+
+
+def copy_targets(targets: list[tuple[int, int]], num_slots: int) -> tuple[np.ndarray, np.ndarray, np.int32]:
+    """The copy program's (dsts i32[S], counts i32[S], n) for (dst slot, blocks) pairs: padded to the
+    slot count (a source has at most S - 1 destinations), so one program serves any number of them."""
+    dsts, counts = np.full(num_slots, num_slots, np.int32), np.zeros(num_slots, np.int32)
+    for i, (dst, count) in enumerate(targets):
+        dsts[i], counts[i] = dst, count
+    return dsts, counts, np.int32(len(targets))

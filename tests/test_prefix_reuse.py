@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 
 from engine import Engine, SamplingParams
+from engine.config import GPT2Config
+from engine.kv_cache import KVCache
 from engine.requests import derive_seed
+from engine.runner import copy_targets
 from engine.sharding import make_mesh
 from tests.checkpoints import make_tiny_checkpoint
 from tests.test_sharding import assert_same_logprobs
@@ -123,3 +126,23 @@ def test_sharded_engine_with_caching_matches_unsharded_without(tiny_model, engin
     assert_same(greedy_run(engine), want)
     assert_same(greedy_run(engine), want)
     assert engine.scheduler.prefix_stats[1] > 0
+
+
+@pytest.mark.parametrize("groups,stacked", [(1, False), (2, False), (2, True)])
+def test_one_copy_call_fills_every_destination_of_a_source_and_nothing_else(groups, stacked):
+    cfg = GPT2Config(n_layer=2, n_head=2, n_embd=8)
+    cache = KVCache.create(cfg, 4, 384, groups=groups, stacked=stacked)  # 3 blocks of 128 positions
+    leaves, tree = jax.tree.flatten(cache)
+    cache = jax.tree.unflatten(tree, [jax.random.normal(jax.random.key(i), a.shape).astype(a.dtype)
+                                      for i, a in enumerate(leaves)])
+
+    def slots(c: KVCache) -> np.ndarray:  # [kv, layer, slot, head, position, dim], whatever the slabs
+        return np.stack([np.concatenate([np.concatenate([np.concatenate(g, axis=3) for g in slab], axis=1)
+                                         for slab in side]) for side in (c.k, c.v)])
+
+    before = slots(cache)
+    out = jax.jit(KVCache.copy_blocks)(cache, np.int32(1), *copy_targets([(3, 2), (0, 3)], 4))
+    want = before.copy()
+    want[:, :, 3, :, :256], want[:, :, 0] = before[:, :, 1, :, :256], before[:, :, 1]
+    np.testing.assert_array_equal(slots(out), want)
+    np.testing.assert_array_equal(out.lengths, cache.lengths)
