@@ -6,21 +6,21 @@ the first gets its log-probability given the tokens before it, plus the top-1 (w
 log-likelihood requests need). The engine runs its batched scoring prefill (`SamplingParams(max_new_tokens=0,
 prompt_logprobs=1)`, the requests `Engine.score` makes), each request's entries copied into one float32
 array as it finishes and the request dropped, so memory stays flat whatever N; HF runs
-`GPT2LMHeadModel(input_ids)` under `torch.inference_mode` in batches of each --hf-batch size (one thread
-per core, fp32), then fp32 log-softmax, gather and top-1, as lm-eval's `hf` backend does; the ratio is
-against the fastest HF batch size. Both use the same random weights (an HF model saved with
-save_pretrained and loaded by our loader), so the run also reports the largest logprob difference and how
-many top-1 ids differ. Warm-up (compiling, first calls: the first --warmup-prompts prompts) is excluded;
-the median of --repeats timed runs is reported.
+`GPT2LMHeadModel(input_ids)` under `torch.inference_mode` in batches of --hf-batch prompts (one thread per
+core, fp32), then fp32 log-softmax, gather and top-1, as lm-eval's `hf` backend does. Both use the same
+random weights (an HF model saved with save_pretrained and loaded by our loader), so the run also reports
+the largest logprob difference and how many top-1 ids differ.
 
-The roof (`benchmarks/scoring_roof.py`): the workload's matmul FLOPs over the fp32 GEMM rates jax and
-torch reach on this machine for the workload's shapes, measured before the engine, between the two sides
-and after HF (the machine is shared: each side is held against the mean of the two roofs around it). The
-1-minute load average is sampled every 5 s during each phase and reported with it. Prints a table, then
-one JSON line last.
+On a shared machine the load moves by 2x within minutes, so the sides never run one after the other:
+after an untimed warm-up (--warmup-prompts prompts each), the prompts go in rounds of --round, each side
+scoring each round (which side goes first alternates), and after each round one sample of the roof
+(`benchmarks/scoring_roof.py`: fp32 GEMM rates of jax and torch at the workload's shapes; the roof is
+the workload's matmul FLOPs at each class's median rate over the samples). Reported: each side's summed
+wall time, tok/s, achieved GFLOP/s and fraction of the roof, the 1-minute load average sampled every 5 s
+while it ran, the ratio overall and per round. Prints a table, then one JSON line last.
 
-  python benchmarks/scoring.py --repeats 1              # 256 x 512, gpt2 fp32
-  python benchmarks/scoring.py --prompts 32 --prompt-len 128 --repeats 2
+  python benchmarks/scoring.py                          # 256 x 512, gpt2 fp32, rounds of 32
+  python benchmarks/scoring.py --prompts 16 --prompt-len 128 --round 8
 """
 from __future__ import annotations
 
@@ -49,9 +49,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="scoring requests free their slot at prefill: one call's prompts suffice (2048 / 512 = 4; "
                         "64 x 1024 positions of KV cache is 4.8 GB for gpt2)")
     p.add_argument("--prefill-token-budget", type=int, default=2048, help="tokens per scoring prefill call")
-    p.add_argument("--hf-batch", type=int, nargs="+", default=[4], help="prompts per HF forward pass (several: each)")
+    p.add_argument("--hf-batch", type=int, default=4, help="prompts per HF forward pass")
     p.add_argument("--warmup-prompts", type=int, default=16, help="prompts of the untimed warm-up run")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--round", type=int, default=32,
+                   help="prompts per round: each side scores each round in turn (alternating which goes first)")
+    p.add_argument("--roof-repeats", type=int, default=2, help="timed calls per GEMM in each roof sample")
     p.add_argument("--skip-hf", action="store_true", help="measure the engine only")
     p.add_argument("--skip-roof", action="store_true", help="do not measure the GEMM roof")
     return p.parse_args(argv)
@@ -107,7 +109,8 @@ def hf_scores(model, prompts: list[list[int]], batch: int) -> tuple[float, np.nd
 
 
 class LoadSampler:
-    """The 1-minute load average every `period` s while in a `with` block: mean and max."""
+    """The 1-minute load average every `period` s while in a `with` block (`samples`, with one at entry and
+    one at exit)."""
 
     def __init__(self, period: float = 5.0):
         self.period, self.samples, self._stop = period, [], threading.Event()
@@ -127,17 +130,6 @@ class LoadSampler:
         self._thread.join()
         self.samples.append(os.getloadavg()[0])
 
-    def summary(self) -> dict:
-        return {"mean": round(float(np.mean(self.samples)), 2), "max": round(float(np.max(self.samples)), 2)}
-
-
-def timed(fn, prompts: list[list[int]], warmup: int, repeats: int) -> tuple[float, tuple, dict]:
-    """(median wall seconds, the last run's outputs, the load during the timed runs)."""
-    fn(prompts[:warmup])  # warm-up: compiles the engine's programs / first-call allocations
-    with LoadSampler() as load:
-        runs = [fn(prompts) for _ in range(repeats)]
-    return float(np.median([r[0] for r in runs])), runs[-1][1:], load.summary()
-
 
 def roof_rates(args, cfg) -> dict:
     """GEMM rates at the engine's call shapes: `prefill_token_budget` rows per block GEMM (HF's batches of 4 x
@@ -145,16 +137,57 @@ def roof_rates(args, cfg) -> dict:
     from engine.scoring import SCORE_CHUNK
 
     return scoring_roof.measure_rates(cfg.n_embd, cfg.n_head, cfg.vocab_size, args.prompt_len,
-                                      args.prefill_token_budget, head_rows=SCORE_CHUNK)
+                                      args.prefill_token_budget, head_rows=SCORE_CHUNK, repeats=args.roof_repeats)
 
 
-def add_roof(row: dict, flops: dict, before: dict, after: dict, side: str) -> None:
-    """Hold `side` against the mean of the roofs measured before and after it."""
-    rates = {k: (before["gflops"][k] + after["gflops"][k]) / 2 for k in before["gflops"]}
-    r = scoring_roof.roof(flops, rates)
-    row[f"{side}_roof_s"] = r["roof_s"]
-    row[f"{side}_gflops"] = r["useful_tflop"] * 1e3 / row[f"{side}_s"]
-    row[f"{side}_roof_fraction"] = r["roof_s"] / row[f"{side}_s"]
+class Side:
+    """One side's scoring function, its summed wall seconds and load samples, and its outputs [N, L-1]."""
+
+    def __init__(self, name: str, fn, shape: tuple[int, int]):
+        self.name, self.fn, self.seconds, self.loads, self.rounds = name, fn, 0.0, [], []
+        self.logprobs, self.top = np.zeros(shape, np.float32), np.zeros(shape, np.int32)
+
+    def run(self, prompts: list[list[int]], at: int) -> None:
+        with LoadSampler() as load:
+            wall, logprobs, top = self.fn(prompts)
+        self.seconds += wall
+        self.rounds.append(wall)
+        self.loads += load.samples
+        self.logprobs[at:at + len(prompts)], self.top[at:at + len(prompts)] = logprobs, top
+
+
+def run_rounds(args, sides: list[Side], prompts: list[list[int]], cfg) -> list[dict]:
+    """Warm each side up, then score the prompts in rounds of --round prompts, every side on each round (the
+    order alternating round by round) and a roof sample after it: the sides share the machine's load."""
+    for side in sides:
+        side.fn(prompts[:args.warmup_prompts])  # compiles the engine's programs / first-call allocations
+    roofs = []
+    for i, at in enumerate(range(0, len(prompts), args.round)):
+        part = prompts[at:at + args.round]
+        for side in sides if i % 2 == 0 else sides[::-1]:
+            side.run(part, at)
+        if not args.skip_roof:
+            roofs.append(roof_rates(args, cfg))
+        print(f"round {i}: " + ", ".join(f"{s.name} {s.rounds[-1]:.1f}s" for s in sides), file=sys.stderr)
+    return roofs
+
+
+def side_fields(side: Side, tokens: int, roof: dict | None) -> dict:
+    out = {f"{side.name}_s": side.seconds, f"{side.name}_tok_s": tokens / side.seconds,
+           f"{side.name}_load": {"mean": round(float(np.mean(side.loads)), 2), "max": round(float(np.max(side.loads)), 2)},
+           f"{side.name}_round_s": side.rounds}
+    if roof is not None:
+        out[f"{side.name}_gflops"] = roof["useful_tflop"] * 1e3 / side.seconds
+        out[f"{side.name}_roof_fraction"] = roof["roof_s"] / side.seconds
+    return out
+
+
+def median_roof(flops: dict, roofs: list[dict]) -> dict | None:
+    """The roof at each class's median rate over the samples (None without samples)."""
+    if not roofs:
+        return None
+    rates = {k: float(np.median([r["gflops"][k] for r in roofs])) for k in roofs[0]["gflops"]}
+    return {**scoring_roof.roof(flops, rates), "median_gflops": rates}
 
 
 def main(argv=None) -> None:
@@ -172,39 +205,36 @@ def main(argv=None) -> None:
         hf_model = make_checkpoint(args.model, folder)
         engine = Engine.from_pretrained(folder, max_slots=args.max_slots, max_seq_len=min(1024, 2 * args.prompt_len),
                                         prefill_token_budget=args.prefill_token_budget)
-    tokens = args.prompts * args.prompt_len
-    flops = scoring_roof.workload_flops(cfg.n_layer, cfg.n_embd, cfg.vocab_size, args.prompts, args.prompt_len)
-    roofs = [] if args.skip_roof else [roof_rates(args, cfg)]
-    eng_s, (eng_lp, eng_top), eng_load = timed(lambda ps: engine_scores(engine, ps), prompts, args.warmup_prompts,
-                                                args.repeats)
-    row = {"prompts": args.prompts, "prompt_len": args.prompt_len, "engine_s": eng_s, "engine_tok_s": tokens / eng_s,
-           "engine_load": eng_load}
-    if not args.skip_roof:
-        roofs.append(roof_rates(args, cfg))
-        add_roof(row, flops, roofs[0], roofs[1], "engine")
+    shape = (args.prompts, args.prompt_len - 1)
+    sides = [Side("engine", lambda ps: engine_scores(engine, ps), shape)]
     if not args.skip_hf:
-        hf = {b: timed(lambda ps, b=b: hf_scores(hf_model, ps, b), prompts, args.warmup_prompts, args.repeats)
-              for b in args.hf_batch}
-        best = min(hf, key=lambda b: hf[b][0])
-        hf_s, (hf_lp, hf_top), hf_load = hf[best]
-        row.update(hf_s=hf_s, hf_tok_s=tokens / hf_s, hf_best_batch=best, ratio=hf_s / eng_s, hf_load=hf_load,
-                   hf_tok_s_per_batch={b: tokens / s for b, (s, _, _) in hf.items()},
-                   max_abs_logprob_diff=float(np.abs(eng_lp - hf_lp).max()),
-                   top1_id_mismatches=int((eng_top != hf_top).sum()))
-        if not args.skip_roof:
-            roofs.append(roof_rates(args, cfg))
-            add_roof(row, flops, roofs[1], roofs[2], "hf")
+        sides.append(Side("hf", lambda ps: hf_scores(hf_model, ps, args.hf_batch), shape))
+    roofs = run_rounds(args, sides, prompts, cfg)
+    flops = scoring_roof.workload_flops(cfg.n_layer, cfg.n_embd, cfg.vocab_size, args.prompts, args.prompt_len)
+    roof = median_roof(flops, roofs)
+    tokens = args.prompts * args.prompt_len
+    row = {"prompts": args.prompts, "prompt_len": args.prompt_len, "round": args.round}
+    for side in sides:
+        row.update(side_fields(side, tokens, roof))
+    if len(sides) == 2:
+        eng, hf = sides
+        per_round = [h / e for e, h in zip(eng.rounds, hf.rounds)]
+        row.update(ratio=hf.seconds / eng.seconds, ratio_per_round={"median": float(np.median(per_round)),
+                                                                   "min": min(per_round), "max": max(per_round)},
+                   max_abs_logprob_diff=float(np.abs(eng.logprobs - hf.logprobs).max()),
+                   top1_id_mismatches=int((eng.top != hf.top).sum()))
+        if roof is not None:
             row["max_ratio_at_roof"] = 1 / row["hf_roof_fraction"]
-    if roofs:
-        row.update(flops={k: v / 1e12 for k, v in flops.items()}, roof_measurements=roofs)
+    if roof is not None:
+        row.update(flops_tflop={k: v / 1e12 for k, v in flops.items()}, roof=roof, roof_samples=roofs)
     print_table(args, row)
     print(json.dumps({"benchmark": "scoring", "model": args.model, "max_slots": args.max_slots,
-                      "prefill_token_budget": args.prefill_token_budget, "warmup_prompts": args.warmup_prompts,
-                      "repeats": args.repeats, **row, **environment()}))
+                      "prefill_token_budget": args.prefill_token_budget, "hf_batch": args.hf_batch,
+                      "warmup_prompts": args.warmup_prompts, **row, **environment()}))
 
 
 def print_table(args, row: dict) -> None:
-    print(f"{'workload':>12} {'side':>6} {'tok/s':>7} {'GFLOP/s':>8} {'of roof':>7} {'load':>10}")
+    print(f"{'workload':>12} {'side':>6} {'tok/s':>7} {'GFLOP/s':>8} {'of roof':>7} {'load mean/max':>13}")
     for side in ("engine", "hf"):
         if f"{side}_s" not in row:
             continue
@@ -212,10 +242,15 @@ def print_table(args, row: dict) -> None:
         frac = row.get(f"{side}_roof_fraction", float("nan"))
         load = row[f"{side}_load"]
         print(f"{args.prompts:>5}x{args.prompt_len:<6} {side:>6} {row[f'{side}_tok_s']:7.1f} {gflops:8.1f} "
-              f"{frac:7.0%} {load['mean']:5.1f}/{load['max']:<4.1f}")
+              f"{frac:7.0%} {load['mean']:6.1f}/{load['max']:<4.1f}")
+    if "roof" in row:
+        print(f"roof {row['roof']['roof_gflops']:.1f} GFLOP/s ({row['roof']['roof_s']:.0f} s for "
+              f"{row['roof']['useful_tflop']:.1f} TFLOP)")
     if "ratio" in row:
-        print(f"ratio {row['ratio']:.2f} (max at the roof: {row.get('max_ratio_at_roof', float('nan')):.2f}); "
-              f"max |logprob diff| {row['max_abs_logprob_diff']:.2e}; top-1 mismatches {row['top1_id_mismatches']}")
+        r = row["ratio_per_round"]
+        print(f"ratio {row['ratio']:.2f} (per round {r['median']:.2f}, {r['min']:.2f}-{r['max']:.2f}; max at the "
+              f"roof: {row.get('max_ratio_at_roof', float('nan')):.2f}); max |logprob diff| "
+              f"{row['max_abs_logprob_diff']:.2e}; top-1 mismatches {row['top1_id_mismatches']}")
 
 
 if __name__ == "__main__":
