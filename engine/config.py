@@ -188,7 +188,7 @@ class EngineConfig:
 
     def decode_windows(self) -> tuple[int, ...]:
         """Attention windows compiled for decode: the whole context only. Inside it each slot group reads
-        only the blocks its live slots reach (a per-call input choosing among block counts 0, 1, 2, 4, ...),
+        only the blocks its live slots reach (a per-call input choosing among block counts 0, 1, 2, 3, ...),
         so a shorter window reads no fewer blocks; windows of 128 x 2^i only multiplied the decode programs
         (W1 measured the same with them, 2026-12-03: 131-138 vs 131-136 tok/s, each twice, same run)."""
         return (self.max_seq_len,)

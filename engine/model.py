@@ -157,12 +157,13 @@ class Where(NamedTuple):
 
 def _attend_groups(q, positions, k_groups, v_groups, blocks, layer) -> jax.Array:
     """Decode attention group by group: rows of q [B,H,1,K] are the cache slots in group order; group g
-    reads layer `layer` (index in the blocks' slab) of at least its first blocks[g] blocks (`lax.switch`:
-    only that branch runs, and only it slices the layer out; 0: none, zeros out)."""
-    # Block counts compiled: 0, powers of two below the window, the window (fewer branches to compile; a
-    # group reads at most twice the blocks it needs).
+    reads layer `layer` (index in the blocks' slab) of its first blocks[g] blocks (`lax.switch`: only that
+    branch runs, and only it slices the layer out; 0: none, zeros out)."""
+    # Block counts compiled: every count from 0 to the window, so a group reads exactly the blocks its
+    # slots reach (powers of two only read up to twice that: 8 blocks for 544 positions made a decode step of
+    # 8 such slots ~30% slower, 124 vs 85 ms, for ~5% less decode compile time).
     window = len(k_groups[0])
-    counts = sorted({0, window} | {2 ** i for i in range(window.bit_length()) if 2 ** i < window})
+    counts = list(range(window + 1))
     outs, start = [], 0
     for g, (ks, vs) in enumerate(zip(k_groups, v_groups)):
         n = ks[0].shape[1]

@@ -164,3 +164,30 @@ def test_fork_group_larger_than_the_call_capacity_is_split(n):
     batches = sched.schedule_prefills()
     assert sum(len(b.rows) for b in batches) == n
     assert {s for b in batches for s, _ in b.rows} == set(range(n))
+
+
+def test_prompts_sharing_nothing_get_the_same_device_calls_with_caching_on_and_off():
+    """W1-W3 style traffic (no shared prefix) costs the same with caching on: every prefill, move and
+    decode call is the one the engine makes with it off (the only extra work is host bookkeeping)."""
+    import random
+
+    rng = random.Random(1)  # a seed whose tail of requests makes compaction move one
+    lengths = [(rng.randint(1, 16), rng.randint(1, 10)) for _ in range(12)]
+    prompts = [[rng.randrange(1000, 50000) for _ in range(n)] for n, _ in lengths]
+
+    def calls(on: bool) -> list:
+        sched = Scheduler(reuse_config(prefix_caching=on, max_slots=4, decode_slot_counts=(2, 4)))
+        for i, (prompt, (_, out)) in enumerate(zip(prompts, lengths)):
+            sched.add(req(str(i), prompt, max_new_tokens=out))
+        made = []
+        while sched.has_work():
+            made += [(type(b).__name__, b.bucket, b.size, b.capacity, b.forks) for b in run_round(sched)]
+            made.append(("moves", tuple(sched.compact())))
+            decode = sched.schedule_decode()
+            if decode is not None:
+                made.append(("decode", decode, decode.reach))
+                sched.on_decode_tokens([[7] * 4 for _ in range(sched.config.decode_steps)])
+        return made
+
+    on, off = calls(True), calls(False)
+    assert on == off and any(c[0] == "moves" and c[1] for c in on)  # compaction moves included
