@@ -168,9 +168,10 @@ def test_sharded_engine_matches_unsharded(tiny_model, reference, data, model):
     assert_rules_applied(engine)
 
 
-@pytest.mark.parametrize("data,model", [(1, 1), (2, 4)])
+@pytest.mark.parametrize("data,model", [(1, 1)])
 def test_scan_layers_engine_matches_the_per_layer_engine(tiny_model, reference, data, model):
-    """`scan_layers`: stacked parameters and one cache slab of every layer, the same results on any mesh."""
+    """`scan_layers`: stacked parameters and one cache slab of every layer (4 slot groups here), the same
+    results (sharded meshes: tests/test_prefix_reuse.py runs it on data=2,model=2 with prefix caching)."""
     _, expected = reference
     engine = Engine.from_pretrained(tiny_model, mesh=mesh_of(data, model), scan_layers=True, **ENGINE_OPTS)
     assert engine.runner.stacked and engine.engine_config.scan_layers
