@@ -30,18 +30,21 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=2, help="on/off pairs per workload")
     p.add_argument("--workloads", default="W1,W2,W3")
+    p.add_argument("--off-first", action="store_true",
+                   help="make, warm and run the caching-off engine first (checks for an order effect)")
     args = p.parse_args(argv)
+    order = (False, True) if args.off_first else (True, False)
     from engine import Engine
 
     engines = {on: Engine.from_pretrained("gpt2", load_format="dummy", enable_prefix_caching=on, **SETTINGS)
-               for on in (True, False)}
+               for on in order}
     compile_s = {on: sum(e.warmup().values()) for on, e in engines.items()}
     rows = []
     for name in args.workloads.split(","):
         wl = WORKLOADS[name]()
         runs = {True: [], False: []}
         for r in range(args.rounds):
-            for on in (True, False) if r % 2 == 0 else (False, True):
+            for on in order if r % 2 == 0 else order[::-1]:
                 load, cpu = os.getloadavg()[0], time.process_time()
                 run = engine_run(engines[on], wl, seed=100 + 10 * r)  # fresh tokens per round, same on both
                 runs[on].append({"tok_s": run["tok_s"], "wall_s": run["wall_s"], "load_avg_1m": load,
@@ -56,7 +59,7 @@ def main(argv=None) -> None:
     for r in rows:
         print(f"{r['workload']:8} {r['on_tok_s']:9.1f} {r['off_tok_s']:10.1f} {100 * r['on_vs_off']:+9.1f}% "
               f"{r['on_cpu_s']:9.1f} {r['off_cpu_s']:10.1f}")
-    print(json.dumps({"model": "gpt2", **SETTINGS, "rounds": args.rounds, "workloads": rows,
+    print(json.dumps({"model": "gpt2", **SETTINGS, "rounds": args.rounds, "off_first": args.off_first, "workloads": rows,
                       "compile_s": {"on": compile_s[True], "off": compile_s[False]},
                       "prefix_stats_on": engines[True].scheduler.prefix_stats, **environment()}))
 
