@@ -52,15 +52,19 @@ PARAM_AXES: dict[str, tuple[str | None, ...]] = {
 _NEG = float(jnp.finfo(jnp.float32).min)
 
 
+def is_stacked(path: str) -> bool:
+    """`h.X` (every layer's X, stacked: a `scan_layers` model), not `h.{i}.X` (one layer's, as HF names it)."""
+    parts = path.split(".")
+    return parts[0] == "h" and len(parts) > 1 and not parts[1].isdigit()
+
+
 def param_axes(path: str) -> tuple[str | None, ...]:
     """Logical axes of a parameter given its dotted path (`h.3.attn.c_attn.weight` -> its entry; stacked
     `h.attn.c_attn.weight` -> `layers`, then its entry's)."""
+    if is_stacked(path):
+        return ("layers",) + PARAM_AXES[path[2:]]
     parts = path.split(".")
-    if parts[0] != "h":
-        return PARAM_AXES[path]
-    if parts[1].isdigit():
-        return PARAM_AXES[".".join(parts[2:])]
-    return ("layers",) + PARAM_AXES[".".join(parts[1:])]
+    return PARAM_AXES[".".join(parts[2:]) if parts[0] == "h" else path]
 
 
 def _param(shape: tuple[int, ...], dtype, rngs: nnx.Rngs | None, std: float = 0.02, lead=()) -> nnx.Param:

@@ -168,10 +168,14 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def _is_axes(x) -> bool:
+    """A leaf of a logical-axes tree: a tuple of axis names (or None)."""
+    return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
+
+
 def tree_shardings(mesh: Mesh, axes_tree) -> object:
     """A pytree of logical-axes tuples -> the same pytree of NamedShardings."""
-    return jax.tree.map(lambda axes: named_sharding(mesh, axes), axes_tree,
-                        is_leaf=lambda x: isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x))
+    return jax.tree.map(lambda axes: named_sharding(mesh, axes), axes_tree, is_leaf=_is_axes)
 
 
 def manual_specs(axes_tree, axes: frozenset[str]) -> object:
@@ -181,8 +185,7 @@ def manual_specs(axes_tree, axes: frozenset[str]) -> object:
         mesh_axes = partition_spec(logical)
         return PartitionSpec(*(a if a in axes else None for a in mesh_axes))
 
-    return jax.tree.map(spec, axes_tree,
-                        is_leaf=lambda x: isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x))
+    return jax.tree.map(spec, axes_tree, is_leaf=_is_axes)
 
 
 def param_sharding_fn(mesh: Mesh):

@@ -12,7 +12,6 @@ stored and stacked (or split) on the devices, holding both layouts of the layer 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from engine.config import GPT2Config
+from engine.model import is_stacked
 from weights.hf import CheckpointError
 from weights.loader import ShardingFn, _keys, _path_str, abstract_model
 
@@ -69,7 +69,7 @@ def restore(folder: str | Path, cfg: GPT2Config, dtype, sharding_fn: ShardingFn 
 
     with ocp.StandardCheckpointer() as checkpointer:
         stored = _stored(path, checkpointer)
-        stored_scan = not any(re.match(r"h\.\d+\.", name) for name in stored)
+        stored_scan = any(is_stacked(name) for name in stored)
         _, as_stored = abstract_model(cfg, dtype, stored_scan) if stored_scan != scan_layers else (None, abstract)
         targets = jax.tree_util.tree_map_with_path(target, nnx.to_pure_dict(as_stored))
         # Checked up front: an orbax restore that fails midway leaves tensorstore callbacks on a closed loop.
@@ -116,7 +116,7 @@ def _check_stored(path: Path, stored: dict[str, tuple[int, ...]], expected: dict
     for name, shape in expected.items():
         if name not in stored:
             raise CheckpointError(f"{path}: has no array {name!r} for {cfg}; {hint}")
-        if name.startswith("h.") and stored[name][1:] == tuple(shape)[1:] and stored[name] != tuple(shape):
+        if is_stacked(name) and stored[name][1:] == tuple(shape)[1:] and stored[name] != tuple(shape):
             raise CheckpointError(f"{path}: {name!r} holds {stored[name][0]} layers, expected n_layer="
                                   f"{shape[0]} for {cfg}; {hint}")
         if stored[name] != tuple(shape):

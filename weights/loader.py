@@ -20,7 +20,7 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 
 from engine.config import GPT2Config
-from engine.model import GPT2
+from engine.model import GPT2, is_stacked
 from weights.hf import CheckpointError, expected_keys, hf_shape, is_ignored, strip_prefix
 
 _MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
@@ -108,15 +108,10 @@ def _span(s: slice, size: int) -> tuple[int, int]:
     return start, stop
 
 
-def _stacked(path: str) -> bool:
-    """`h.X` (all layers' X), not `h.{i}.X` (one layer's, as HF names it)."""
-    return path.startswith("h.") and not path.split(".")[1].isdigit()
-
-
 def _read_param(src: _Source, path: str, shape: tuple[int, ...], index: tuple[slice, ...], cfg: GPT2Config):
     """The slice `index` of NNX parameter `path` (our layout), read from the HF tensor(s): a stacked
     layer parameter (`h.X`, [L, ...]) reads its layers' `h.{i}.X` one by one."""
-    if _stacked(path):
+    if is_stacked(path):
         index = tuple(index) + (slice(None),) * (len(shape) - len(index))  # a whole array may come as ()
         return np.stack([_read_param(src, f"h.{i}.{path[2:]}", shape[1:], index[1:], cfg)
                          for i in range(*index[0].indices(shape[0]))])
@@ -202,7 +197,7 @@ def init_dummy(cfg: GPT2Config, dtype, seed: int = 0, sharding_fn: ShardingFn | 
 
 def _dummy_param(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
     """One stream per HF name: a stacked layer parameter draws each layer as `h.{i}.X`."""
-    if _stacked(name):
+    if is_stacked(name):
         return np.stack([_dummy_param(f"h.{i}.{name[2:]}", shape[1:], seed) for i in range(shape[0])])
     if name.endswith("bias"):
         return np.zeros(shape, np.float32)
