@@ -47,15 +47,16 @@ LOAD_FORMATS = ("auto", "safetensors", "orbax", "dummy")
 
 class Engine:
     def __init__(self, cfg: GPT2Config, graphdef, params, ecfg: EngineConfig, tokenizer: Tokenizer | None,
-                 mesh: jax.sharding.Mesh | None = None):
-        """`params` must already be placed on `mesh` (default: `ecfg.mesh`, else the first device)."""
+                 mesh: jax.sharding.Mesh | None = None, executables: str | None = None):
+        """`params` must already be placed on `mesh` (default: `ecfg.mesh`, else the first device).
+        `executables`: a folder to store compiled programs in and load them from (`Runner`)."""
         # The checkpoint's positions bound the context: buckets and decode windows must fit inside it.
         ecfg = dataclasses.replace(ecfg, max_seq_len=min(ecfg.max_seq_len, cfg.n_positions))
         self.config, self.engine_config, self.tokenizer = cfg, ecfg, tokenizer
         self.mesh = make_mesh(mesh if mesh is not None else ecfg.mesh)
         check_mesh(self.mesh, cfg, ecfg.max_slots)
         dtype = jnp.dtype(ecfg.dtype)
-        self.runner = Runner(graphdef, params, cfg, ecfg, dtype, mesh=self.mesh)
+        self.runner = Runner(graphdef, params, cfg, ecfg, dtype, mesh=self.mesh, executables=executables)
         # The parameters' layout decides (a caller may pass either): the config says what runs.
         self.engine_config = ecfg = dataclasses.replace(ecfg, scan_layers=self.runner.stacked)
         self.max_seq_len = self.runner.max_len
@@ -72,11 +73,13 @@ class Engine:
         weights with load_format="dummy". `mesh` ("data=D,model=M" or a Mesh over ("data", "model"); default
         the first device) is checked against the model before any weight is read; each parameter is then
         read straight into its shard. `compile_cache` (default on): keep compiled programs in JAX's
-        persistent cache (see `engine.programs.enable_compilation_cache`; a path picks the folder)."""
+        persistent cache (see `engine.programs.enable_compilation_cache`; a path picks the folder) and this
+        engine's executables in its `executables/` subfolder, loaded back by the next engine with the same
+        fingerprint without tracing (`engine.programs.ExecutableStore`)."""
         if load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format: expected one of {LOAD_FORMATS}, got {load_format!r}")
-        if compile_cache:
-            enable_compilation_cache(None if compile_cache is True else compile_cache)
+        cache = enable_compilation_cache(None if compile_cache is True else compile_cache) if compile_cache else None
+        executables = os.path.join(cache, "executables") if cache else None
         jmesh = make_mesh(mesh)
         ecfg = EngineConfig(dtype=dtype, mesh=None if mesh is None else describe(jmesh), **engine_options)
         folder, cfg, load_format = _locate(model, load_format)
@@ -90,7 +93,7 @@ class Engine:
         else:
             graphdef, params = load_safetensors(hf.weight_files(folder), cfg, jdtype, sharding_fn, scan_layers=scan)
         tok = _load_tokenizer(tokenizer, folder, cfg)
-        return cls(cfg, graphdef, params, ecfg, tok, mesh=jmesh)
+        return cls(cfg, graphdef, params, ecfg, tok, mesh=jmesh, executables=executables)
 
     def _scheduler_config(self) -> SchedulerConfig:
         ecfg, data = self.engine_config, self.mesh.shape["data"]

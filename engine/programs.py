@@ -5,8 +5,12 @@ runner's (bucket, rows, prompts), (window, width), ...); `compile_all` lowers ev
 thread (tracing is Python) and compiles them in a thread pool (XLA compiles outside the GIL, so the
 cores are used together), then calls dispatch straight to the stored executable: no re-tracing, no
 jit-cache lookup. A key that was not compiled ahead of time is compiled at its first call (logged).
-Compilation goes through JAX's persistent cache when it is on (`enable_compilation_cache`), so a second
-process with the same model and engine options loads the executables instead of compiling them.
+Compilation goes through JAX's persistent cache when it is on (`enable_compilation_cache`). With an
+`ExecutableStore` (the engine keeps one next to that cache) each compiled program is also written to disk
+under a fingerprint of everything that shapes it (engine source, JAX version, XLA flags, model and engine
+config, devices, argument shapes and shardings), and a later process with the same fingerprint loads it
+back without tracing or lowering anything (JAX's cache needs the lowered program as its key, and tracing
+alone takes tens of seconds for the default engine's programs).
 
 Invariant: a key names exactly one shape of the non-static arguments; the caller never passes two shapes
 under one key.
@@ -14,22 +18,117 @@ under one key.
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import logging
 import os
+import pickle
+import shutil
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Sequence
 
 import jax
+import jaxlib
+from jax.experimental.serialize_executable import deserialize_and_load, serialize
 
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "GPT2_ENGINE_COMPILE_CACHE"  # "0" turns the persistent cache off; a path moves it
+_COMPILE = threading.local()  # what JAX reported in this thread during the current `compile_fresh`
+
+
+def _on_jax_event(event: str, *_, **__) -> None:
+    if event == "/jax/compilation_cache/cache_hits":
+        _COMPILE.cache_hit = True
+    elif event == "/jax/core/compile/backend_compile_duration":
+        _COMPILE.backend = True
+
+
+jax.monitoring.register_event_listener(_on_jax_event)
+jax.monitoring.register_event_duration_secs_listener(_on_jax_event)
+
+
+def compile_fresh(lowered: jax.stages.Lowered) -> tuple[jax.stages.Compiled, bool]:
+    """`lowered.compile()`, and whether XLA compiled it just now: False when JAX's persistent cache answered
+    or JAX reused an executable it already held in memory (which may itself come from that cache). On
+    XLA:CPU an executable loaded from that cache serializes incomplete: stored and loaded in another
+    process it fails at run time ("Function ... not found"), so only fresh ones go to a store."""
+    _COMPILE.cache_hit, _COMPILE.backend = False, False
+    compiled = lowered.compile()
+    return compiled, _COMPILE.backend and not _COMPILE.cache_hit
+
+
+class ExecutableStore:
+    """Compiled programs on disk: `folder`/`fingerprint`/name-hash(key).bin, one file per (program, key),
+    written atomically. A file that cannot be read or loaded is logged and compiled again (then rewritten).
+    Loading runs the stored machine code: keep the folder as private as the Python environment."""
+
+    KEEP = 32  # fingerprint folders kept (the most recently used); older ones are removed
+
+    def __init__(self, folder: str | os.PathLike, fingerprint: str, devices: Sequence):
+        self.root, self.folder, self.devices = str(folder), os.path.join(folder, fingerprint), list(devices)
+        if os.path.isdir(self.folder):
+            os.utime(self.folder)  # used now: pruning goes by the folders' times
+
+    def _path(self, name: str, key: Hashable) -> str:
+        return os.path.join(self.folder, f"{name}-{hashlib.sha256(repr(key).encode()).hexdigest()[:24]}.bin")
+
+    def load(self, name: str, key: Hashable) -> jax.stages.Compiled | None:
+        path = self._path(name, key)
+        if not os.path.exists(path):
+            return None
+        try:
+            with open(path, "rb") as f:
+                payload, in_tree, out_tree = pickle.load(f)
+            return deserialize_and_load(payload, in_tree, out_tree, backend=self.devices[0].client,
+                                        execution_devices=self.devices)
+        except Exception as e:  # a truncated or foreign file: compile instead
+            log.warning("executable store: cannot load %s (%s: %s); compiling it", path, type(e).__name__, e)
+            return None
+
+    def save(self, name: str, key: Hashable, compiled: jax.stages.Compiled) -> None:
+        path = self._path(name, key)
+        try:
+            payload, in_tree, out_tree = serialize(compiled)
+            if not os.path.isdir(self.folder):
+                os.makedirs(self.folder, exist_ok=True)
+                self._prune()
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "wb") as f:
+                pickle.dump((payload, in_tree, out_tree), f, protocol=pickle.HIGHEST_PROTOCOL)
+            os.replace(tmp, path)
+        except Exception as e:  # a full disk or a read-only folder costs the next start a compile, no more
+            log.warning("executable store: cannot write %s (%s: %s)", path, type(e).__name__, e)
+
+
+    def _prune(self) -> None:
+        """Remove all but the KEEP most recently used fingerprint folders (every engine version, config and
+        mesh gets its own, so they pile up); a process still loading from one then compiles instead."""
+        entries = [e for e in os.scandir(self.root) if e.is_dir()]
+        for old in sorted(entries, key=lambda e: e.stat().st_mtime, reverse=True)[self.KEEP:]:
+            shutil.rmtree(old.path, ignore_errors=True)
+
+
+def fingerprint(*parts) -> str:
+    """A hash of `parts` (their repr) and of what else decides the compiled code: this package's source,
+    the JAX and jaxlib versions, XLA_FLAGS and the process's place among the processes."""
+    h = hashlib.sha256()
+    package = os.path.dirname(os.path.abspath(__file__))
+    for name in sorted(os.listdir(package)):
+        if name.endswith(".py"):
+            with open(os.path.join(package, name), "rb") as f:
+                h.update(name.encode() + b"\0" + f.read())
+    extra = (jax.__version__, jaxlib.__version__, os.environ.get("XLA_FLAGS", ""), jax.process_index(),
+             jax.process_count())
+    h.update(repr(extra + parts).encode())
+    return h.hexdigest()[:32]
 
 
 class Program:
-    def __init__(self, name: str, fn: Callable, *, static_argnums: tuple[int, ...] = (), **jit_options):
-        self.name, self.static = name, static_argnums
+    def __init__(self, name: str, fn: Callable, *, static_argnums: tuple[int, ...] = (),
+                 store: ExecutableStore | None = None, **jit_options):
+        self.name, self.static, self.store = name, static_argnums, store
         self._jit = jax.jit(fn, static_argnums=static_argnums, **jit_options)
         self._compiled: dict[Hashable, jax.stages.Compiled] = {}
 
@@ -45,44 +144,73 @@ class Program:
     def add(self, key: Hashable, compiled: jax.stages.Compiled) -> None:
         self._compiled[key] = compiled
 
+    def load(self, key: Hashable) -> bool:
+        """Take `key`'s executable from the store, if it has it."""
+        exe = self.store.load(self.name, key) if self.store is not None else None
+        if exe is not None:
+            self._compiled[key] = exe
+        return exe is not None
+
+    def save(self, key: Hashable) -> None:
+        if self.store is not None:
+            self.store.save(self.name, key, self._compiled[key])
+
+    def compile(self, key: Hashable, lowered: jax.stages.Lowered) -> None:
+        """Compile `key` from its lowered program and store it if XLA compiled it (`compile_fresh`)."""
+        self._compiled[key], fresh = compile_fresh(lowered)
+        if fresh:
+            self.save(key)
+
     def __call__(self, key: Hashable, *args):
         exe = self._compiled.get(key)
         if exe is None:
             t0 = time.perf_counter()
-            exe = self._compiled[key] = self.lower(*args).compile()
-            log.info("compiled %s %s on first use in %.1fs", self.name, key, time.perf_counter() - t0)
+            if self.load(key):
+                log.info("loaded %s %s on first use in %.1fs", self.name, key, time.perf_counter() - t0)
+            else:
+                self.compile(key, self.lower(*args))
+                log.info("compiled %s %s on first use in %.1fs", self.name, key, time.perf_counter() - t0)
+            exe = self._compiled[key]
         return exe(*(a for i, a in enumerate(args) if i not in self.static))
 
 
 def compile_all(requests: Sequence[tuple[Program, Hashable, tuple]], workers: int | None = None) -> dict[str, float]:
-    """Compile every (program, key, example args) not compiled yet: lowered here, compiled in parallel.
-    Returns the summed compile seconds per program name (also logged)."""
-    seen, unique = set(), []
+    """Compile every (program, key, example args) not compiled yet: taken from the program's store when it
+    has it, else lowered here, compiled in parallel and stored. Returns the summed compile seconds per
+    program name (loads count as 0; both logged)."""
+    seen, unique, loaded = set(), [], 0
+    seconds: dict[str, float] = defaultdict(float)
+    t0 = time.perf_counter()
     for p, k, a in requests:
         if k not in p and (id(p), k) not in seen:
             seen.add((id(p), k))
-            unique.append((p, k, a))
+            if p.load(k):
+                loaded += 1
+                seconds[p.name] += 0.0
+            else:
+                unique.append((p, k, a))
+    if loaded:
+        log.info("loaded %d programs from the executable store in %.1fs", loaded, time.perf_counter() - t0)
     t0 = time.perf_counter()
     lowered = [(p, k, p.lower(*a)) for p, k, a in unique]
     lower_s = time.perf_counter() - t0
-    seconds: dict[str, float] = defaultdict(float)
 
     def build(item):
         p, k, low = item
         start = time.perf_counter()
-        exe = low.compile()
-        return p, k, exe, time.perf_counter() - start
+        p.compile(k, low)
+        return p, time.perf_counter() - start
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        for p, k, exe, took in pool.map(build, lowered):
-            p.add(k, exe)
+        for p, took in pool.map(build, lowered):
             seconds[p.name] += took
     counts = defaultdict(int)
     for p, _, _ in unique:
         counts[p.name] += 1
-    log.info("compiled %d programs in %.1fs (tracing %.1fs; compile seconds per class: %s)", len(unique),
-             time.perf_counter() - t0, lower_s,
-             ", ".join(f"{n} x{counts[n]} {s:.1f}s" for n, s in seconds.items()))
+    if unique:
+        log.info("compiled %d programs in %.1fs (tracing %.1fs; compile seconds per class: %s)", len(unique),
+                 time.perf_counter() - t0, lower_s,
+                 ", ".join(f"{n} x{counts[n]} {s:.1f}s" for n, s in seconds.items() if counts[n]))
     return dict(seconds)
 
 

@@ -50,7 +50,7 @@ from engine.device_state import (DecodeState, PrefillRows, Sampled, dummy_rows, 
 from engine.extend import ExtendRows, dummy_extend_rows
 from engine.kv_cache import KVCache, slot_groups
 from engine.processors import uses_penalties
-from engine.programs import Program, compile_all
+from engine.programs import ExecutableStore, Program, compile_all, fingerprint
 from engine.sampling import MAX_LOGPROBS, MinTokensBan, SlotParams
 from engine.scoring import Scored, score_packed
 from engine.sharding import make_mesh, manual_specs, named_sharding, per_shard, replicated, tree_shardings
@@ -66,8 +66,9 @@ class Runner:
     """Owns the model state and the decode state; runs the compiled programs."""
 
     def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, cfg: GPT2Config, ecfg: EngineConfig,
-                 cache_dtype, mesh: jax.sharding.Mesh | None = None):
-        """`params` must already be placed on `mesh` (default None: 1x1 on the first device)."""
+                 cache_dtype, mesh: jax.sharding.Mesh | None = None, executables: str | None = None):
+        """`params` must already be placed on `mesh` (default None: 1x1 on the first device). `executables`:
+        a folder where compiled programs are stored and loaded from (`engine.programs.ExecutableStore`)."""
         self.graphdef, self.params, self.cfg, self.ecfg = graphdef, params, cfg, ecfg
         self.mesh = make_mesh(mesh)
         self.max_len = min(ecfg.max_seq_len, cfg.n_positions)
@@ -82,14 +83,31 @@ class Runner:
         self._state_spec = manual_specs(axes, _DATA_AXIS)  # per-`data`-shard programs: slots split
         outs = (self.state_shardings, replicated(self.mesh))
         self.state = self._initial_state(cache_dtype)
-        self._prefill = Program("prefill", self._prefill_impl, donate_argnums=(1,), out_shardings=outs)
-        self._score_prefill = Program("score-prefill", self._prefill_impl, donate_argnums=(1,), out_shardings=outs)
-        self._decode = Program("decode", self._decode_impl, donate_argnums=(1,), static_argnums=(2, 3),
+        store = self._store(executables)
+        program = functools.partial(Program, store=store)
+        self._prefill = program("prefill", self._prefill_impl, donate_argnums=(1,), out_shardings=outs)
+        self._score_prefill = program("score-prefill", self._prefill_impl, donate_argnums=(1,), out_shardings=outs)
+        self._decode = program("decode", self._decode_impl, donate_argnums=(1,), static_argnums=(2, 3),
                                out_shardings=outs)
-        self._move = Program("move", move_row, donate_argnums=(0,), out_shardings=self.state_shardings)
-        self._extend = Program("extend", self._extend_impl, donate_argnums=(1,), out_shardings=outs)
-        self._copy = Program("copy", KVCache.copy_blocks, donate_argnums=(0,),
+        self._move = program("move", move_row, donate_argnums=(0,), out_shardings=self.state_shardings)
+        self._extend = program("extend", self._extend_impl, donate_argnums=(1,), out_shardings=outs)
+        self._copy = program("copy", KVCache.copy_blocks, donate_argnums=(0,),
                              out_shardings=self.state_shardings.cache)
+
+    def _store(self, folder: str | None) -> ExecutableStore | None:
+        """The store for this runner's programs: keyed by the configs, the mesh's devices and every
+        parameter's and state array's path, shape, dtype and sharding (what the programs are traced from)."""
+        if folder is None:
+            return None
+
+        def leaves(tree) -> list:
+            flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+            return [(jax.tree_util.keystr(k), a.shape, str(a.dtype), str(a.sharding)) for k, a in flat]
+
+        devices = list(self.mesh.devices.flat)
+        key = fingerprint(self.cfg, self.ecfg, dict(self.mesh.shape), [(d.platform, d.id) for d in devices],
+                          leaves(self.params), leaves(self.state))
+        return ExecutableStore(folder, key, devices)
 
     def _initial_state(self, cache_dtype) -> DecodeState:
         s, v = self.ecfg.max_slots, self.cfg.padded_vocab_size

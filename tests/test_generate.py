@@ -243,7 +243,7 @@ def test_nothing_compiles_after_warmup(engine):
             compiles.append(duration)
 
     traces = engine.runner.trace_count
-    assert traces >= 5  # warm-up traced the 4 prefill programs and the decode program
+    assert engine.runner.num_compiled == engine.num_programs  # warm-up compiled (or loaded) every program
     lengths = (1, 7, 16, 17, 31, 32, 33, 50, 63)  # every prefill bucket, edges included
     prompts = [random_prompt(n, 100 + n) for n in lengths]
     params = [SamplingParams(temperature=0.0, max_new_tokens=9),

@@ -1,11 +1,17 @@
 """Start-up: the default configuration's program count is pinned, warm-up compiles exactly that many
-executables (in parallel), and dummy weights are drawn without compiling."""
+executables (in parallel), a second engine loads them from the executable store without tracing, and
+dummy weights are drawn without compiling."""
+import logging
+import os
+import shutil
+
 import jax
 import numpy as np
 import pytest
 
 from engine.config import DEFAULT_PROGRAMS, EngineConfig, preset
 from engine.engine import Engine
+from engine.sampling import SamplingParams
 from tests.checkpoints import make_tiny_checkpoint
 
 
@@ -69,3 +75,68 @@ def test_dummy_weights_compile_nothing():
     a, b = jax.tree.leaves(params), jax.tree.leaves(again)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))  # one stream per name and seed: reproducible
     assert any(float(np.std(np.asarray(x))) > 0.01 for x in a)
+
+
+def _small_engine(folder, cache, **options) -> Engine:
+    """A tiny engine with few programs (one bucket, 2 slots, no prefix caching) keeping them in `cache`."""
+    options = {"max_slots": 2, "max_seq_len": 32, "decode_steps": 2, "prefill_buckets": (16,),
+               "enable_prefix_caching": False, **options}
+    return Engine.from_pretrained(folder, compile_cache=str(cache), **options)
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    """A tiny checkpoint and one compile-cache folder shared by the store tests (the second test's first
+    engine loads what the first test stored)."""
+    root, before = tmp_path_factory.mktemp("store"), jax.config.jax_compilation_cache_dir
+    yield make_tiny_checkpoint(root / "model", with_tokenizer=False), root / "cache"
+    jax.config.update("jax_compilation_cache_dir", before)  # compile_cache=path moved it process-wide
+
+
+@pytest.mark.parametrize("mesh", [None, "data=2,model=4"])
+def test_a_second_engine_loads_every_program_from_the_executable_store(small_model, mesh):
+    folder, cache = small_model
+    prompts, params = [[5, 6, 7], [8, 9, 10, 11, 12]], SamplingParams(max_new_tokens=5, temperature=0.9, seed=1)
+    first = _small_engine(folder, cache, mesh=mesh)
+    first.warmup()
+    expected = [c.token_ids for c in first.generate(prompts, params)]
+    stored = first.runner._decode.store.folder
+    assert len([f for f in os.listdir(stored) if f.endswith(".bin")]) == first.num_programs
+    second = _small_engine(folder, cache, mesh=mesh)
+    assert set(second.warmup().values()) == {0.0}  # every class loaded, none compiled
+    assert (second.runner.num_compiled, second.runner.trace_count) == (second.num_programs, 0)
+    assert [c.token_ids for c in second.generate(prompts, params)] == expected
+    assert second.runner.trace_count == 0
+
+
+def test_a_damaged_stored_program_is_compiled_again_and_other_configs_get_their_own(small_model, caplog):
+    folder, cache = small_model
+    first = _small_engine(folder, cache)
+    first.warmup()
+    store = first.runner._move.store
+    damaged = store._path("move", ())
+    with open(damaged, "wb") as f:
+        f.write(b"not an executable")
+    with caplog.at_level(logging.WARNING, logger="engine.programs"):
+        second = _small_engine(folder, cache)
+        seconds = second.warmup()
+    assert seconds["prefill"] == seconds["decode"] == 0.0 and "move" in seconds  # loaded; move compiled
+    assert "cannot load" in caplog.text and damaged in caplog.text
+    assert second.runner.num_compiled == second.num_programs
+    assert [c.finish_reason for c in second.generate([[5, 6, 7]], SamplingParams(max_new_tokens=3))] == ["length"]
+    other = _small_engine(folder, cache, decode_steps=3)
+    assert other.runner._decode.store.folder != store.folder
+    assert _small_engine(folder, cache, mesh="data=2,model=4").runner._decode.store.folder != store.folder
+    plain = Engine.from_pretrained(folder, compile_cache=False, max_slots=2, max_seq_len=32)
+    assert plain.runner._decode.store is None
+
+
+def test_programs_from_jax_persistent_cache_are_not_stored(small_model):
+    """On XLA:CPU such an executable serializes incomplete (it fails when loaded in another process)."""
+    folder, cache = small_model
+    _small_engine(folder, cache).warmup()  # stored by the tests above, or now
+    stored = _small_engine(folder, cache).runner._decode.store.folder
+    shutil.rmtree(stored)
+    again = _small_engine(folder, cache)
+    again.warmup()  # every program from JAX's persistent cache: lowered, not compiled
+    assert again.runner.num_compiled == again.num_programs and not os.path.exists(stored)
