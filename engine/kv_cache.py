@@ -167,8 +167,8 @@ class KVCache:
 
     def window(self, layer, size: int) -> tuple[Groups, Groups, object]:
         """Per slot group, the blocks covering the first `size` positions (k, v) of the slab holding
-        `layer`, and the layer's index in it: read it with `at_layer` where it is used (in a `lax.switch`
-        branch, only the branch taken reads)."""
+        `layer`, and the layer's index in it: read it with `at_layer` where it is used (in a `lax.cond`
+        per block, only a taken one reads)."""
         slab, index = self._locate(layer)
         count = math.ceil(size / self.block)
         return tuple(g[:count] for g in self.k[slab]), tuple(g[:count] for g in self.v[slab]), index
