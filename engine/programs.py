@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import importlib.metadata
 import logging
 import os
 import pickle
@@ -29,7 +30,6 @@ from collections import defaultdict
 from collections.abc import Callable, Hashable, Sequence
 
 import jax
-import jaxlib
 from jax.experimental.serialize_executable import deserialize_and_load, serialize
 
 log = logging.getLogger(__name__)
@@ -119,8 +119,8 @@ def fingerprint(*parts) -> str:
         if name.endswith(".py"):
             with open(os.path.join(package, name), "rb") as f:
                 h.update(name.encode() + b"\0" + f.read())
-    extra = (jax.__version__, jaxlib.__version__, os.environ.get("XLA_FLAGS", ""), jax.process_index(),
-             jax.process_count())
+    extra = (jax.__version__, importlib.metadata.version("jaxlib"), os.environ.get("XLA_FLAGS", ""),
+             jax.process_index(), jax.process_count())
     h.update(repr(extra + parts).encode())
     return h.hexdigest()[:32]
 
