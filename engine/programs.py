@@ -61,7 +61,8 @@ def compile_fresh(lowered: jax.stages.Lowered) -> tuple[jax.stages.Compiled, boo
 
 class ExecutableStore:
     """Compiled programs on disk: `folder`/`fingerprint`/name-hash(key).bin, one file per (program, key),
-    written atomically. A file that cannot be read or loaded is logged and compiled again (then rewritten).
+    written atomically. A file that cannot be read or loaded is logged and its program compiled again
+    (and stored again when XLA compiled it: `compile_fresh`).
     Loading runs the stored machine code: keep the folder as private as the Python environment."""
 
     KEEP = 32  # fingerprint folders kept (the most recently used); older ones are removed
@@ -101,7 +102,6 @@ class ExecutableStore:
         except Exception as e:  # a full disk or a read-only folder costs the next start a compile, no more
             log.warning("executable store: cannot write %s (%s: %s)", path, type(e).__name__, e)
 
-
     def _prune(self) -> None:
         """Remove all but the KEEP most recently used fingerprint folders (every engine version, config and
         mesh gets its own, so they pile up); a process still loading from one then compiles instead."""
@@ -140,9 +140,6 @@ class Program:
 
     def lower(self, *args) -> jax.stages.Lowered:
         return self._jit.lower(*args)
-
-    def add(self, key: Hashable, compiled: jax.stages.Compiled) -> None:
-        self._compiled[key] = compiled
 
     def load(self, key: Hashable) -> bool:
         """Take `key`'s executable from the store, if it has it."""
