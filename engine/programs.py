@@ -2,8 +2,8 @@
 
 A `Program` wraps one jitted function. Each distinct call shape is a key chosen by the caller (the
 runner's (bucket, rows, prompts), (window, width), ...); `compile_all` lowers every requested key in this
-thread (tracing is Python) and compiles them in a thread pool (XLA compiles outside the GIL, so the
-cores are used together), then calls dispatch straight to the stored executable: no re-tracing, no
+thread (tracing is Python) and hands each to a thread pool as soon as it is lowered (XLA compiles outside
+the GIL, so the cores compile together while the next program traces), then calls dispatch straight to the stored executable: no re-tracing, no
 jit-cache lookup. A key that was not compiled ahead of time is compiled at its first call (logged).
 Compilation goes through JAX's persistent cache when it is on (`enable_compilation_cache`). With an
 `ExecutableStore` (the engine keeps one next to that cache) each compiled program is also written to disk
@@ -173,8 +173,9 @@ class Program:
 
 def compile_all(requests: Sequence[tuple[Program, Hashable, tuple]], workers: int | None = None) -> dict[str, float]:
     """Compile every (program, key, example args) not compiled yet: taken from the program's store when it
-    has it, else lowered here, compiled in parallel and stored. Returns the summed compile seconds per
-    program name (loads count as 0; both logged)."""
+    has it, else lowered here and handed to a thread pool as soon as it is lowered (tracing the next one
+    overlaps compiling the last), then stored. List the slowest programs first: the pool then ends on
+    short ones. Returns the summed compile seconds per program name (loads count as 0; both logged)."""
     seen, unique, loaded = set(), [], 0
     seconds: dict[str, float] = defaultdict(float)
     t0 = time.perf_counter()
@@ -188,25 +189,32 @@ def compile_all(requests: Sequence[tuple[Program, Hashable, tuple]], workers: in
                 unique.append((p, k, a))
     if loaded:
         log.info("loaded %d programs from the executable store in %.1fs", loaded, time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    lowered = [(p, k, p.lower(*a)) for p, k, a in unique]
-    lower_s = time.perf_counter() - t0
 
-    def build(item):
-        p, k, low = item
+    def build(p: Program, k: Hashable, low: jax.stages.Lowered) -> float:
         start = time.perf_counter()
         p.compile(k, low)
-        return p, time.perf_counter() - start
+        return time.perf_counter() - start
 
+    t0, lower_s, futures = time.perf_counter(), 0.0, []
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        for p, took in pool.map(build, lowered):
-            seconds[p.name] += took
+        try:
+            for p, k, a in unique:
+                start = time.perf_counter()
+                low = p.lower(*a)
+                lower_s += time.perf_counter() - start
+                futures.append((p, pool.submit(build, p, k, low)))
+        except BaseException:
+            for _, f in futures:
+                f.cancel()
+            raise
+        for p, f in futures:
+            seconds[p.name] += f.result()
     counts = defaultdict(int)
     for p, _, _ in unique:
         counts[p.name] += 1
     if unique:
-        log.info("compiled %d programs in %.1fs (tracing %.1fs; compile seconds per class: %s)", len(unique),
-                 time.perf_counter() - t0, lower_s,
+        log.info("compiled %d programs in %.1fs (tracing %.1fs, overlapped; compile seconds per class: %s)",
+                 len(unique), time.perf_counter() - t0, lower_s,
                  ", ".join(f"{n} x{counts[n]} {s:.1f}s" for n, s in seconds.items() if counts[n]))
     return dict(seconds)
 

@@ -286,30 +286,31 @@ class Runner:
 
     def programs(self, buckets: tuple[int, ...], windows: tuple[int, ...], widths: tuple[int, ...] = (),
                  score: bool = False, extend: tuple[int, ...] | None = None) -> list:
-        """(program, key, example args) of every program the engine can run: each (bucket, rows) prefill
-        (with `score`, its scoring variant too), each (window, width) decode, the move, and with `extend`
-        (prefix reuse on: its suffix buckets) each extend and the copy."""
+        """(program, key, example args) of every program the engine can run: each (window, width) decode,
+        with `extend` (prefix reuse on: its suffix buckets) each extend and the copy, the move, and each
+        (bucket, rows) prefill (with `score`, its scoring variant too). Slowest to compile first (decode,
+        extend, then the larger shapes), so a parallel `compile_all` ends on short programs."""
         out = []
-        for bucket in buckets:
-            data = self.mesh.shape["data"]
-            for size in self.ecfg.prefill_batch_sizes(bucket, data):
-                rows = dummy_rows(size, bucket, self.ecfg.prefill_prompts(bucket, size, data), self.ecfg.max_slots,
-                                  self.ban.words)
-                out.append((self._prefill, prefill_key(rows), (self.params, self.state, rows)))
-                if score:
-                    out.append((self._score_prefill, prefill_key(rows), (self.params, self.state, rows, np.int32(0))))
-        for window in windows:
-            for width in widths or (self.ecfg.max_slots,):
+        for window in sorted(windows, reverse=True):
+            for width in sorted(widths or (self.ecfg.max_slots,), reverse=True):
                 blocks = np.asarray(self.state.cache.group_blocks(width, window), np.int32)
                 args = (self.params, self.state, window, width, blocks, np.ones(width, bool))
                 out.append((self._decode, (window, width), args))
-        out.append((self._move, (), (self.state, np.int32(0), np.int32(0))))
-        for bucket in extend or ():
+        for bucket in sorted(extend or (), reverse=True):
             rows = dummy_extend_rows(self.ecfg.max_slots, bucket, self.max_len, self.ban)
             blocks = np.zeros(len(self.state.cache.group_sizes), np.int32)
             out.append((self._extend, bucket, (self.params, self.state, rows, blocks)))
         if extend is not None:
             out.append((self._copy, (), (self.state.cache, np.int32(0), *copy_targets([], self.ecfg.max_slots))))
+        out.append((self._move, (), (self.state, np.int32(0), np.int32(0))))
+        data = self.mesh.shape["data"]
+        for bucket in sorted(buckets, reverse=True):
+            for size in sorted(self.ecfg.prefill_batch_sizes(bucket, data), reverse=True):
+                rows = dummy_rows(size, bucket, self.ecfg.prefill_prompts(bucket, size, data), self.ecfg.max_slots,
+                                  self.ban.words)
+                out.append((self._prefill, prefill_key(rows), (self.params, self.state, rows)))
+                if score:
+                    out.append((self._score_prefill, prefill_key(rows), (self.params, self.state, rows, np.int32(0))))
         return out
 
     def warmup(self, buckets: tuple[int, ...], windows: tuple[int, ...], widths: tuple[int, ...] = (),
