@@ -111,9 +111,9 @@ DTYPES = ("float32", "bfloat16")
 
 
 # Programs `Engine.warmup` compiles for the default EngineConfig on a 1024-position model (README
-# "Start-up and compilation"): 17 prefill (bucket x rows), 2 decode (1 window x 2 widths), 1 row move,
-# and for prefix caching 2 extend (suffix buckets 32 and 128) and 1 block copy.
-DEFAULT_PROGRAMS = 23
+# "Start-up and compilation"): 17 prefill (bucket x rows), 3 decode (1 window x widths 1, 4, 16), 1 row
+# move, and for prefix caching 2 extend (suffix buckets 32 and 128) and 1 block copy.
+DEFAULT_PROGRAMS = 24
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,14 +194,17 @@ class EngineConfig:
         return (self.max_seq_len,)
 
     def decode_widths(self, data: int = 1, group: int | None = None) -> tuple[int, ...]:
-        """Slot counts compiled for decode (a call runs slots [0, n)): `group` (the KV cache's slots per
-        group; default max_slots), 4 x group, 16 x group, ... below max_slots, and max_slots. Whole groups
-        are read in place (a part of a group would be copied out and back every call), and steps of 4 keep
-        the program count at log4 of the group count while a call computes at most 4x its live rows (at
-        small widths decode streams the weights, which costs about the same for 1 row or 4). With slots
-        over `data` (one group) every call runs all slots: a narrower one would reslice the sharded cache."""
-        size, widths = max(group or self.max_slots, data), []
+        """Slot counts compiled for decode (a call runs slots [0, n)): 1, 4, 16, ... below `group` (the KV
+        cache's slots per group; default max_slots), then group, 4 x group, 16 x group, ... below max_slots,
+        and max_slots. A width inside a group slices that group's rows out and back (bytes of the rows
+        run, small), while whole groups are read in place; steps of 4 keep the program count at log4 of
+        the slots while a call computes at most 4x its live rows (at small widths decode streams the
+        weights, which costs about the same for 1 row or 4: one live request among 64 slots decodes 1
+        row, not its group of 16). With slots over `data` (one group) every call runs all slots: a
+        narrower one would reslice the sharded cache."""
+        group = max(group or self.max_slots, data)
+        size, widths = (1 if data == 1 else group), []
         while size < self.max_slots:
             widths.append(size)
-            size *= 4
+            size = size * 4 if size * 4 <= group or size >= group else group
         return tuple(widths + [self.max_slots])

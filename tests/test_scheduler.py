@@ -604,11 +604,14 @@ def test_compact_waits_while_requests_wait_for_a_slot():
     assert sched.compact() == []
 
 
-def test_decode_widths_step_by_whole_groups_times_four():
-    """Whole slot groups times powers of four, then max_slots: log4(groups) + 1 decode programs, one
-    windows doubling in blocks, and no partial group."""
-    assert EngineConfig(max_slots=64).decode_widths(1, 16) == (16, 64)
-    assert EngineConfig(max_slots=256).decode_widths(1, 4) == (4, 16, 64, 256)
+def test_decode_widths_step_by_four_from_one_row_then_by_whole_groups():
+    """Powers of four below the slot group (a part of a group is sliced), then whole groups times powers
+    of four, then max_slots; one window, the whole context."""
+    assert EngineConfig(max_slots=64).decode_widths(1, 16) == (1, 4, 16, 64)
+    assert EngineConfig(max_slots=256).decode_widths(1, 4) == (1, 4, 16, 64, 256)
+    assert EngineConfig(max_slots=48).decode_widths(1, 12) == (1, 4, 12, 48)
+    assert EngineConfig(max_slots=8).decode_widths(1, 2) == (1, 2, 8)
+    assert EngineConfig(max_slots=1).decode_widths(1, 1) == (1,)
     assert EngineConfig(max_slots=16).decode_widths(2) == (16,)  # slots over data=2: one group, no reslicing
     assert EngineConfig(max_slots=16, max_seq_len=1000).decode_windows() == (1000,)  # groups pick their blocks
 
