@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("launch").setLevel(args.log_level)
+    for name in ("launch", "engine"):  # engine: programs compiled or loaded on first use, with their seconds
+        logging.getLogger(name).setLevel(args.log_level)
     try:
         distributed.initialize(args)
         run(args, parser)
