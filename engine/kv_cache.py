@@ -8,7 +8,8 @@ place, which XLA:CPU needs: it copies any slice of a bigger array before a dot).
 and positions are split:
 - slots into G groups of consecutive slots (G = `slot_groups`: 4 when the slots are not split over a
   `data` mesh axis), so decode attends group by group, each group reading only the blocks its own live
-  slots reach (slots of similar length share a group), and a narrower decode call takes whole groups;
+  slots reach (slots of similar length share a group); a narrower decode call takes whole groups, or
+  (narrower than one group) the first rows of the first group, sliced out and written back;
 - positions into blocks of `BLOCK`, one array [layers of the slab, S/G, H, BLOCK, K] per (slab, group,
   block): attending to the first W positions reads the first ceil(W / BLOCK) arrays' layer whole.
   (Slicing a window or a slot range out of a bigger array makes XLA:CPU copy it first, which costs more

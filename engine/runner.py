@@ -6,7 +6,8 @@ Programs (a fixed set, all compiled by `warmup`):
       state set, and each prompt's first token sampled, in one call;
   decode(window W, width N): k steps (`lax.scan`) of slots [0, N), sampling on device, attending to cache
       positions [0, W) (whole KV blocks; each slot group only to the blocks its live slots reach, a
-      per-call input); slot groups past N are left out and put back untouched;
+      per-call input); slot groups past N are left out and put back untouched, and a group N covers
+      only in part (N below a group's size: `EngineConfig.decode_widths`) has its first rows sliced out and back;
   move: copies every per-slot row (KV cache included) from one slot to another, for the scheduler's
       compaction of live requests into low slots (so N follows the number of live requests); one program
       for every pair of slots (the slot indices are inputs).
