@@ -4,8 +4,8 @@ A `Program` wraps one jitted function. Each distinct call shape is a key chosen 
 runner's (bucket, rows, prompts), (window, width), ...); `compile_all` lowers every requested key in this
 thread (tracing is Python) and hands each to a thread pool as soon as it is lowered (XLA compiles outside
 the GIL, so the cores compile together while the next program traces), then calls dispatch straight to
-the stored executable: no re-tracing, no jit-cache lookup. A key that was not compiled ahead of time is compiled at its first call (logged).
-Compilation goes through JAX's persistent cache when it is on (`enable_compilation_cache`). With an
+the stored executable: no re-tracing, no jit-cache lookup. A key that was not compiled ahead of time is
+compiled at its first call (logged). Compilation goes through JAX's persistent cache when it is on (`enable_compilation_cache`). With an
 `ExecutableStore` (the engine keeps one next to that cache) each compiled program is also written to disk
 under a fingerprint of everything that shapes it (engine source, JAX version, XLA flags, model and engine
 config, devices, argument shapes and shardings), and a later process with the same fingerprint loads it
