@@ -1,16 +1,16 @@
 """Compiled programs held as executables: compiled ahead of time in parallel, or on first use.
 
-A `Program` wraps one jitted function. Each distinct call shape is a key chosen by the caller (the
-runner's (bucket, rows, prompts), (window, width), ...); `compile_all` lowers every requested key in this
-thread (tracing is Python) and hands each to a thread pool as soon as it is lowered (XLA compiles outside
-the GIL, so the cores compile together while the next program traces), then calls dispatch straight to
-the stored executable: no re-tracing, no jit-cache lookup. A key that was not compiled ahead of time is
-compiled at its first call (logged). Compilation goes through JAX's persistent cache when it is on (`enable_compilation_cache`). With an
-`ExecutableStore` (the engine keeps one next to that cache) each compiled program is also written to disk
-under a fingerprint of everything that shapes it (engine source, JAX version, XLA flags, model and engine
-config, devices, argument shapes and shardings), and a later process with the same fingerprint loads it
-back without tracing or lowering anything (JAX's cache needs the lowered program as its key, and tracing
-alone takes tens of seconds for the default engine's programs).
+A `Program` wraps one jitted function. Each distinct call shape is a key chosen by the caller (the runner's
+(bucket, rows, prompts), (window, width), ...); `compile_all` lowers every requested key in this thread
+(tracing is Python) and hands each to a thread pool as soon as it is lowered (XLA compiles outside the GIL, so
+the cores compile together while the next program traces), then calls dispatch straight to the stored
+executable: no re-tracing, no jit-cache lookup. A key that was not compiled ahead of time is compiled at its
+first call (logged). Compilation goes through JAX's persistent cache when it is on
+(`enable_compilation_cache`). With an `ExecutableStore` (the engine keeps one next to that cache) each
+compiled program is also written to disk under a fingerprint of everything that shapes it (engine source, JAX
+version, XLA flags, model and engine config, devices, argument shapes and shardings), and a later process with
+the same fingerprint loads it back without tracing or lowering anything (JAX's cache needs the lowered program
+as its key, and tracing alone takes tens of seconds for the default engine's programs).
 
 Invariant: a key names exactly one shape of the non-static arguments; the caller never passes two shapes
 under one key.
