@@ -202,9 +202,9 @@ class EngineConfig:
         weights, which costs about the same for 1 row or 4: one live request among 64 slots decodes 1
         row, not its group of 16). With slots over `data` (one group) every call runs all slots: a
         narrower one would reslice the sharded cache."""
-        group = max(group or self.max_slots, data)
-        size, widths = (1 if data == 1 else group), []
-        while size < self.max_slots:
-            widths.append(size)
-            size = size * 4 if size * 4 <= group or size >= group else group
+        group, widths = max(group or self.max_slots, data), []
+        for size, end in ((1 if data == 1 else group, group), (group, self.max_slots)):
+            while size < end:
+                widths.append(size)
+                size *= 4
         return tuple(widths + [self.max_slots])
