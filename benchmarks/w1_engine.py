@@ -12,12 +12,10 @@ import time
 
 sys.path.insert(0, os.getcwd())
 
-from benchmarks.common import Workload, engine_run  # noqa: E402
+from benchmarks.common import engine_run  # noqa: E402
+from benchmarks.throughput import WORKLOADS  # noqa: E402  (the checkout's own definitions)
 from engine import Engine  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
-
-WORKLOADS = {"W1": lambda: Workload.fixed("W1", 64, 128, 128), "W2": lambda: Workload.fixed("W2", 1, 32, 128),
-             "W3": lambda: Workload.mixed("W3", 64, (16, 256), (16, 128), seed=0)}
 
 
 def option(name: str, default: str) -> str:
