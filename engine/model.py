@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from engine.config import GPT2Config
-from engine.kv_cache import KVCache, at_layer
+from engine.kv_cache import KVCache, Runs, at_layer
 
 # Logical axis names of every parameter, declared once (engine.sharding maps them to mesh axes).
 PARAM_AXES: dict[str, tuple[str | None, ...]] = {
@@ -153,7 +153,7 @@ def _attend(q: jax.Array, ks, vs, q_pos: jax.Array, k_pos: jax.Array, segments=N
 class Where(NamedTuple):
     """How one call's tokens meet the cache (see `GPT2.__call__`)."""
 
-    slots: jax.Array | None = None  # i32[B,T] prefill: each token's slot
+    runs: Runs | None = None  # prefill: which tokens go to which slot (`KVCache.write_runs`)
     window: int | None = None  # decode: attend to cache positions [0, window)
     segments: jax.Array | None = None  # i32[B,T] prefill: each token's packed prompt
     blocks: jax.Array | None = None  # i32[G] decode: blocks each slot group reads (default: the window's)
@@ -226,13 +226,15 @@ class Attention(nnx.Module):
         """Self-attention over this call's tokens (inside each segment when given), or (window set) over
         the first `window` cache positions.
 
-        With a cache, this call's K/V are first written at (slot, position) for every token. `layer`: this
-        layer's index (a Python int in the loop, traced in the scan).
+        With a cache, this call's K/V are first written: run by run (prefill, `where.runs`), or each
+        token at (its row's slot, its position). `layer`: this layer's index (a Python int in the loop,
+        traced in the scan).
         """
         q, k, v = self.c_attn(x)
-        if cache is not None:
-            # Positions are below T in prefill and below the window in decode.
-            cache = cache.write(layer, where.slots, positions, k, v, limit=where.window or x.shape[1])
+        if where.runs is not None:
+            cache = cache.write_runs(layer, where.runs, k, v)
+        elif cache is not None:  # decode / extend: row b is slot b; positions below the window
+            cache = cache.write(layer, positions, k, v, limit=where.window)
         if where.window is None:
             out = _attend(q, (k,), (v,), positions, positions, where.segments)
         else:
@@ -291,18 +293,19 @@ class GPT2(nnx.Module):
         h, cache = self.hidden(tokens, positions, cache, **where)
         return self.logits(h), cache
 
-    def hidden(self, tokens, positions, cache: KVCache | None = None, *, slots=None, window=None,
+    def hidden(self, tokens, positions, cache: KVCache | None = None, *, runs=None, window=None,
                segments=None, blocks=None, select=None):
         """tokens/positions [B,T] -> (final hidden states after `ln_f` [B,T,D], or [N,D] for `select` [N]
         flat token indices (row * T + column), cache). Callers that need only part of the logits (scoring
         reduces them chunk by chunk) apply `logits` themselves.
 
-        cache None: plain causal forward. cache + `slots` [B,T]: each token writes its K/V into its slot
-        at its position (prefill; out-of-range slots are dropped); `segments` [B,T] keeps attention
-        inside each packed prompt. cache + `window`: rows are the cache slots in order and attend to cache
-        positions [0, window) (decode); `blocks` [G] limits each slot group to its first blocks.
+        cache None: plain causal forward. cache + `runs` (`engine.kv_cache.Runs`): each run's tokens write
+        their K/V into its slot from position 0 (prefill; out-of-range slots are dropped); `segments`
+        [B,T] keeps attention inside each packed prompt. cache + `window`: rows are the cache slots in
+        order and attend to cache positions [0, window) (decode); `blocks` [G] limits each slot group to
+        its first blocks.
         """
-        where = Where(slots, window, segments, blocks)
+        where = Where(runs, window, segments, blocks)
         x = self.wte.weight[...][tokens] + self.wpe.weight[...][positions]
         if self.scan_layers:
             graphdef, stacked = nnx.split(self.h)

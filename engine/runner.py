@@ -49,7 +49,7 @@ from engine.config import EngineConfig, GPT2Config
 from engine.device_state import (DecodeState, PrefillRows, Sampled, dummy_rows, mark_seen, move_row, neutral_params,
                                  prefill_key, sample_step, state_axes, store_first)
 from engine.extend import ExtendRows, dummy_extend_rows
-from engine.kv_cache import KVCache, slot_groups
+from engine.kv_cache import KVCache, Runs, slot_groups
 from engine.processors import uses_penalties
 from engine.programs import ExecutableStore, Program, compile_all, fingerprint
 from engine.sampling import MAX_LOGPROBS, MinTokensBan, SlotParams
@@ -157,9 +157,14 @@ class Runner:
             slots = slots - jax.lax.axis_index("data") * s
             slots = jnp.where((slots >= 0) & (slots < s), slots, s)
         model = self._model(params)
-        # Each token's K/V goes to its prompt's slot; padding tokens to slot S: dropped.
-        token_slots = jnp.where(rows.segments < p, slots[jnp.minimum(rows.segments, p - 1)], s)
-        hidden, cache = model.hidden(rows.tokens, rows.positions, state.cache, slots=token_slots,
+        # Each prompt's K/V goes to its slot, the prompts that write first; a fork's entry (its tokens are
+        # its leader's) and padding prompts (slot S) write nothing.
+        width = rows.tokens.shape[1]
+        writes = (rows.source == jnp.arange(p)) & (slots < s)
+        order = jnp.argsort(~writes, stable=True)
+        runs = Runs(*(a[order] for a in (rows.last // width, rows.last % width - rows.lengths + 1, slots, rows.lengths)),
+                    count=writes.sum(dtype=jnp.int32))
+        hidden, cache = model.hidden(rows.tokens, rows.positions, state.cache, runs=runs,
                                      segments=rows.segments, select=None if top is not None else rows.last)
 
         def head(h):

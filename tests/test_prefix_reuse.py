@@ -10,7 +10,7 @@ import pytest
 
 from engine import Engine, SamplingParams
 from engine.config import GPT2Config
-from engine.kv_cache import KVCache
+from engine.kv_cache import KVCache, Runs
 from engine.requests import derive_seed
 from engine.runner import copy_targets
 from engine.sharding import make_mesh
@@ -128,18 +128,45 @@ def test_sharded_engine_with_caching_matches_unsharded_without(tiny_model, engin
     assert engine.scheduler.prefix_stats[1] > 0
 
 
+def random_cache(groups: int, stacked: bool) -> KVCache:
+    """4 slots of 384 positions (3 blocks of 128), 2 layers, random K/V."""
+    cache = KVCache.create(GPT2Config(n_layer=2, n_head=2, n_embd=8), 4, 384, groups=groups, stacked=stacked)
+    leaves, tree = jax.tree.flatten(cache)
+    return jax.tree.unflatten(tree, [jax.random.normal(jax.random.key(i), a.shape).astype(a.dtype)
+                                     for i, a in enumerate(leaves)])
+
+
+def slots(c: KVCache) -> np.ndarray:
+    """[kv, layer, slot, head, position, dim], whatever the slabs."""
+    return np.stack([np.concatenate([np.concatenate([np.concatenate(g, axis=3) for g in slab], axis=1)
+                                     for slab in side]) for side in (c.k, c.v)])
+
+
+@pytest.mark.parametrize("groups,stacked", [(1, False), (2, False), (2, True)])
+def test_prefill_runs_write_their_slots_from_position_zero_and_nothing_else(groups, stacked):
+    """Runs across blocks, two in one row, a dropped slot and a run past `count`: each written run fills
+    its slot's first positions with its tokens (what follows in its last block is stale by contract)."""
+    cache = random_cache(groups, stacked)
+    k, v = (jax.random.normal(jax.random.key(9 + i), (2, 2, 300, 4)) for i in range(2))  # [B, H, T, K]
+    # (row, column, slot, length): 200 tokens over 2 blocks; 30 after them in row 0; slot 4 is out of
+    # range; the last run is past count.
+    runs = np.array([(0, 0, 2, 200), (0, 200, 1, 30), (1, 0, 4, 50), (1, 5, 3, 290)], np.int32).T
+    before = slots(cache)
+    out = before.copy()
+    for layer in range(2):
+        cache = jax.jit(KVCache.write_runs, static_argnums=1)(cache, layer, Runs(*runs, count=np.int32(3)), k, v)
+        for row, column, slot, length in runs.T[:2]:
+            for side, x in enumerate((k, v)):
+                out[side, layer, slot, :, :length] = np.asarray(x)[row, :, column: column + length]
+    after = slots(cache)
+    for slot, length in ((2, 200), (1, 30)):  # stale past the run: the rest of its last block
+        after[:, :, slot, :, length: -(-length // 128) * 128] = out[:, :, slot, :, length: -(-length // 128) * 128]
+    np.testing.assert_array_equal(after, out)
+
+
 @pytest.mark.parametrize("groups,stacked", [(1, False), (2, False), (2, True)])
 def test_one_copy_call_fills_every_destination_of_a_source_and_nothing_else(groups, stacked):
-    cfg = GPT2Config(n_layer=2, n_head=2, n_embd=8)
-    cache = KVCache.create(cfg, 4, 384, groups=groups, stacked=stacked)  # 3 blocks of 128 positions
-    leaves, tree = jax.tree.flatten(cache)
-    cache = jax.tree.unflatten(tree, [jax.random.normal(jax.random.key(i), a.shape).astype(a.dtype)
-                                      for i, a in enumerate(leaves)])
-
-    def slots(c: KVCache) -> np.ndarray:  # [kv, layer, slot, head, position, dim], whatever the slabs
-        return np.stack([np.concatenate([np.concatenate([np.concatenate(g, axis=3) for g in slab], axis=1)
-                                         for slab in side]) for side in (c.k, c.v)])
-
+    cache = random_cache(groups, stacked)
     before = slots(cache)
     out = jax.jit(KVCache.copy_blocks)(cache, np.int32(1), *copy_targets([(3, 2), (0, 3)], 4))
     want = before.copy()
