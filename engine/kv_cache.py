@@ -16,9 +16,10 @@ and positions are split:
   than the attention itself.)
 Slots are dim 1 of every block array (logical axis `slots`). Positions are per slot: every request
 starts at 0. Entries at or past a slot's length are stale and always masked by position, never cleared.
-Writes: prefill copies each prompt's K/V block by block into its slot (`write_runs`: update slices, one
-compiled kernel shared by every layer, group and block); decode and extend scatter each row's tokens
-into its own slot (`write`: one scatter per group and block array).
+Writes: prefill and extend copy each prompt's K/V block by block into its slot (`write_runs`: update
+slices, one compiled kernel shared by every layer, group and block); decode (and extend with the slots
+over `data`) scatters each row's tokens into its own slot (`write`: one scatter per group and block
+array).
 """
 from __future__ import annotations
 
@@ -40,13 +41,15 @@ Slabs = tuple[Groups, ...]  # [slab]: one slab of all layers (scanned model), or
 
 
 class Runs(NamedTuple):
-    """Prefill's K/V writes (`KVCache.write_runs`): run r is runs.length[r] consecutive tokens of one
-    row, written to one slot from position 0 (each i32[R]); only the first `count` (i32[]) are written."""
+    """K/V writes of prefill and extend (`KVCache.write_runs`): run r is runs.length[r] consecutive
+    tokens of one row, written to one slot from position runs.start[r] (each i32[R]); only the first
+    `count` (i32[]) are written."""
 
     row: jax.Array
     column: jax.Array  # the run's first token
     slot: jax.Array  # out of range: dropped
     length: jax.Array
+    start: jax.Array  # a multiple of the block size (prefill: 0; extend: the cached prefix)
     count: jax.Array
 
 
@@ -139,10 +142,10 @@ class KVCache:
         return out
 
     def write(self, layer, positions, k: jax.Array, v: jax.Array, limit: int | None = None) -> KVCache:
-        """Store k/v [B, H, T, K] of one layer (traced index) for decode and extend, where row b is slot b:
-        token (b, t) goes to positions[b, t]; each group scatters only its own rows, and a position past the
-        cache is dropped (extend padding; decode past the end). `limit` (static): every position is below
-        it, so blocks past it are not touched (the window)."""
+        """Store k/v [B, H, T, K] of one layer (traced index) for decode (and extend with slots over
+        `data`), where row b is slot b: token (b, t) goes to positions[b, t]; each group scatters only its
+        own rows, and a position past the cache is dropped (decode past the end; extend padding).
+        `limit` (static): every position is below it, so blocks past it are not touched (the window)."""
         slab, layer = self._locate(layer)
         new_k, new_v = [], []
         start = 0
@@ -156,40 +159,44 @@ class KVCache:
             start += size
         return dataclasses.replace(self, k=_swap(self.k, slab, tuple(new_k)), v=_swap(self.v, slab, tuple(new_v)))
 
-    def write_runs(self, layer, runs: Runs, k: jax.Array, v: jax.Array) -> KVCache:
-        """Prefill: store k/v [B, H, T, K] of one layer (traced index) run by run: run r's tokens (row
-        runs.row[r] from column runs.column[r], runs.length[r] of them) go to slot runs.slot[r] at
-        positions 0, 1, ...; a run whose slot is out of range is dropped, and runs past `runs.count` too.
+    def write_runs(self, layer, runs: Runs, k: jax.Array, v: jax.Array, limit: int) -> KVCache:
+        """Prefill and extend: store k/v [B, H, T, K] of one layer (traced index) run by run: run r's tokens
+        (row runs.row[r] from column runs.column[r], runs.length[r] of them) go to slot runs.slot[r] at
+        positions runs.start[r], +1, ...; a run whose slot is out of range is dropped, and runs past
+        `runs.count` too. `limit` (static): every position is below it (prefill: T; extend: the window).
 
         One loop over the runs per layer, and in it one `dynamic_update_slice` of whole block rows per
         (group, block) the run reaches (in a `lax.cond`): the positions past the run's length take the
         row's next tokens, stale like every entry past a slot's length. Why not a scatter per (group,
         block) array: XLA:CPU compiles each scatter into a kernel of its own, never shared between
-        identical ones, so a prefill program held layers x groups x blocks x 2 of them (most of its
-        compile time and of its code mappings); these slice kernels are the same in every layer, group
-        and block, compiled once."""
+        identical ones, so a prefill or extend program held layers x groups x blocks x 2 of them (most of
+        its compile time and of its code mappings); these slice kernels are the same in every layer,
+        group and block, compiled once."""
         slab, index = self._locate(layer)
         size, tokens = self.block, k.shape[2]
-        span, count = min(tokens, size), min(len(self.k[slab][0]), math.ceil(tokens / size))
+        span, count = min(tokens, size), min(len(self.k[slab][0]), math.ceil(limit / size))
         dtype = self.k[slab][0][0].dtype
         pad = ((0, 0), (0, 0), (0, span), (0, 0))  # a run's last block reads up to `span` past the row
         xk, xv = (jnp.pad(x.astype(dtype), pad) for x in (k, v))
         starts = [sum(self.group_sizes[:g]) for g in range(len(self.group_sizes))]
 
         def body(r, kv: tuple[Groups, Groups]) -> tuple[Groups, Groups]:
-            row, column, slot, length = runs.row[r], runs.column[r], runs.slot[r], runs.length[r]
+            row, column, slot, length, start = (a[r] for a in runs[:5])
             out_k, out_v = [], []
             for g, (gk, gv) in enumerate(zip(*kv)):
                 local = slot - starts[g]
                 mine = (local >= 0) & (local < gk[0].shape[1])
                 gk, gv = list(gk), list(gv)
                 for b in range(count):
-                    def put(pair, at=(row, 0, column + b * size, 0)):
+                    first = b * size - start  # the run's token at this block's first position
+
+                    def put(pair, at=(row, 0, column + first, 0)):
                         rows = (jax.lax.dynamic_slice(x, at, (1, x.shape[1], span, x.shape[3])) for x in (xk, xv))
                         return tuple(jax.lax.dynamic_update_slice(a, u[None], (index, local, 0, 0, 0))
                                      for a, u in zip(pair, rows))
 
-                    gk[b], gv[b] = jax.lax.cond(mine & (b * size < length), put, lambda pair: pair, (gk[b], gv[b]))
+                    reached = mine & (first >= 0) & (first < length)
+                    gk[b], gv[b] = jax.lax.cond(reached, put, lambda pair: pair, (gk[b], gv[b]))
                 out_k.append(tuple(gk))
                 out_v.append(tuple(gv))
             return tuple(out_k), tuple(out_v)

@@ -153,7 +153,7 @@ def _attend(q: jax.Array, ks, vs, q_pos: jax.Array, k_pos: jax.Array, segments=N
 class Where(NamedTuple):
     """How one call's tokens meet the cache (see `GPT2.__call__`)."""
 
-    runs: Runs | None = None  # prefill: which tokens go to which slot (`KVCache.write_runs`)
+    runs: Runs | None = None  # prefill, extend: which tokens go to which slot (`KVCache.write_runs`)
     window: int | None = None  # decode: attend to cache positions [0, window)
     segments: jax.Array | None = None  # i32[B,T] prefill: each token's packed prompt
     blocks: jax.Array | None = None  # i32[G] decode: blocks each slot group reads (default: the window's)
@@ -226,14 +226,14 @@ class Attention(nnx.Module):
         """Self-attention over this call's tokens (inside each segment when given), or (window set) over
         the first `window` cache positions.
 
-        With a cache, this call's K/V are first written: run by run (prefill, `where.runs`), or each
-        token at (its row's slot, its position). `layer`: this layer's index (a Python int in the loop,
+        With a cache, this call's K/V are first written: run by run (prefill and extend, `where.runs`),
+        or each token at (its row's slot, its position) (decode). `layer`: this layer's index (a Python int in the loop,
         traced in the scan).
         """
         q, k, v = self.c_attn(x)
-        if where.runs is not None:
-            cache = cache.write_runs(layer, where.runs, k, v)
-        elif cache is not None:  # decode / extend: row b is slot b; positions below the window
+        if where.runs is not None:  # prefill / extend: positions below T / the window
+            cache = cache.write_runs(layer, where.runs, k, v, limit=where.window or x.shape[1])
+        elif cache is not None:  # decode (extend with slots over `data`): row b is slot b
             cache = cache.write(layer, positions, k, v, limit=where.window)
         if where.window is None:
             out = _attend(q, (k,), (v,), positions, positions, where.segments)
@@ -302,8 +302,8 @@ class GPT2(nnx.Module):
         cache None: plain causal forward. cache + `runs` (`engine.kv_cache.Runs`): each run's tokens write
         their K/V into its slot from position 0 (prefill; out-of-range slots are dropped); `segments`
         [B,T] keeps attention inside each packed prompt. cache + `window`: rows are the cache slots in
-        order and attend to cache positions [0, window) (decode); `blocks` [G] limits each slot group to
-        its first blocks.
+        order and attend to cache positions [0, window) (decode; extend, which writes its tokens by
+        `runs`); `blocks` [G] limits each slot group to its first blocks.
         """
         where = Where(runs, window, segments, blocks)
         x = self.wte.weight[...][tokens] + self.wpe.weight[...][positions]

@@ -160,10 +160,8 @@ class Runner:
         # Each prompt's K/V goes to its slot, the prompts that write first; a fork's entry (its tokens are
         # its leader's) and padding prompts (slot S) write nothing.
         width = rows.tokens.shape[1]
-        writes = (rows.source == jnp.arange(p)) & (slots < s)
-        order = jnp.argsort(~writes, stable=True)
-        runs = Runs(*(a[order] for a in (rows.last // width, rows.last % width - rows.lengths + 1, slots, rows.lengths)),
-                    count=writes.sum(dtype=jnp.int32))
+        runs = first_runs((rows.source == jnp.arange(p)) & (slots < s), rows.last // width,
+                          rows.last % width - rows.lengths + 1, slots, rows.lengths, jnp.zeros_like(slots))
         hidden, cache = model.hidden(rows.tokens, rows.positions, state.cache, runs=runs,
                                      segments=rows.segments, select=None if top is not None else rows.last)
 
@@ -187,8 +185,16 @@ class Runner:
     def _extend_impl(self, params, state: DecodeState, rows: ExtendRows, blocks):
         self.trace_count += 1
         s, v = rows.slots.shape[0], self.cfg.padded_vocab_size
-        logits, cache = self._model(params)(rows.tokens, rows.positions, state.cache, window=self.max_len,
-                                            blocks=blocks, select=rows.last)
+        # Row i is slot i: an extending row's tokens go to its slot from its first position (a block
+        # boundary); padding positions are max_len. With slots over `data` each token is scattered to its
+        # slot instead (update slices at a traced slot would gather every row's K/V to every device).
+        runs = None
+        if self.mesh.shape["data"] == 1:
+            rows_i = jnp.arange(s, dtype=jnp.int32)
+            runs = first_runs(rows.slots < s, rows_i, jnp.zeros_like(rows_i), rows.slots,
+                              (rows.positions < self.max_len).sum(1, dtype=jnp.int32), rows.positions[:, 0])
+        logits, cache = self._model(params)(rows.tokens, rows.positions, state.cache, runs=runs,
+                                            window=self.max_len, blocks=blocks, select=rows.last)
         logits = self._full_vocab(logits, "slots")
         # Only this call's tokens count as seen: requests with a repetition penalty never extend.
         marked = jnp.where(rows.positions < self.max_len, rows.tokens, v)  # padding: dropped
@@ -329,6 +335,12 @@ class Runner:
     def num_compiled(self) -> int:
         programs = (self._prefill, self._score_prefill, self._decode, self._move, self._extend, self._copy)
         return sum(len(p) for p in programs)
+
+
+def first_runs(writes, row, column, slot, length, start) -> Runs:
+    """`Runs` of the entries where `writes` holds, moved to the front (each argument i32[R])."""
+    order = jnp.argsort(~writes, stable=True)
+    return Runs(*(a[order] for a in (row, column, slot, length, start)), count=writes.sum(dtype=jnp.int32))
 
 
 def copy_targets(targets: list[tuple[int, int]], num_slots: int) -> tuple[np.ndarray, np.ndarray, np.int32]:

@@ -143,25 +143,27 @@ def slots(c: KVCache) -> np.ndarray:
 
 
 @pytest.mark.parametrize("groups,stacked", [(1, False), (2, False), (2, True)])
-def test_prefill_runs_write_their_slots_from_position_zero_and_nothing_else(groups, stacked):
-    """Runs across blocks, two in one row, a dropped slot and a run past `count`: each written run fills
-    its slot's first positions with its tokens (what follows in its last block is stale by contract)."""
+def test_runs_write_their_slots_from_their_start_and_nothing_else(groups, stacked):
+    """Runs across blocks, two in one row, one from a later block (extend), a dropped slot and a run past
+    `count`: each written run fills its slot from its start with its tokens (what follows in its last
+    block is stale by contract)."""
     cache = random_cache(groups, stacked)
     k, v = (jax.random.normal(jax.random.key(9 + i), (2, 2, 300, 4)) for i in range(2))  # [B, H, T, K]
-    # (row, column, slot, length): 200 tokens over 2 blocks; 30 after them in row 0; slot 4 is out of
-    # range; the last run is past count.
-    runs = np.array([(0, 0, 2, 200), (0, 200, 1, 30), (1, 0, 4, 50), (1, 5, 3, 290)], np.int32).T
+    # (row, column, slot, length, start): 200 tokens over 2 blocks; 30 after them in row 0, written from
+    # position 128; slot 4 is out of range; the last run is past count.
+    runs = np.array([(0, 0, 2, 200, 0), (0, 200, 1, 30, 128), (1, 0, 4, 50, 0), (1, 5, 3, 290, 0)], np.int32).T
     before = slots(cache)
-    out = before.copy()
+    want = before.copy()
+    write = jax.jit(KVCache.write_runs, static_argnums=(1, 5))
     for layer in range(2):
-        cache = jax.jit(KVCache.write_runs, static_argnums=1)(cache, layer, Runs(*runs, count=np.int32(3)), k, v)
-        for row, column, slot, length in runs.T[:2]:
+        cache = write(cache, layer, Runs(*runs, count=np.int32(3)), k, v, 384)
+        for row, column, slot, length, start in runs.T[:2]:
             for side, x in enumerate((k, v)):
-                out[side, layer, slot, :, :length] = np.asarray(x)[row, :, column: column + length]
-    after = slots(cache)
-    for slot, length in ((2, 200), (1, 30)):  # stale past the run: the rest of its last block
-        after[:, :, slot, :, length: -(-length // 128) * 128] = out[:, :, slot, :, length: -(-length // 128) * 128]
-    np.testing.assert_array_equal(after, out)
+                want[side, layer, slot, :, start: start + length] = np.asarray(x)[row, :, column: column + length]
+    got = slots(cache)
+    for slot, end in ((2, 200), (1, 158)):  # stale past the run: the rest of its last block
+        got[:, :, slot, :, end: -(-end // 128) * 128] = want[:, :, slot, :, end: -(-end // 128) * 128]
+    np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("groups,stacked", [(1, False), (2, False), (2, True)])
