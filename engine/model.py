@@ -227,8 +227,8 @@ class Attention(nnx.Module):
         the first `window` cache positions.
 
         With a cache, this call's K/V are first written: run by run (prefill and extend, `where.runs`),
-        or each token at (its row's slot, its position) (decode). `layer`: this layer's index (a Python int in the loop,
-        traced in the scan).
+        or each token at (its row's slot, its position) (decode). `layer`: this layer's index (a Python
+        int in the loop, traced in the scan).
         """
         q, k, v = self.c_attn(x)
         if where.runs is not None:  # prefill / extend: positions below T / the window
@@ -300,7 +300,7 @@ class GPT2(nnx.Module):
         reduces them chunk by chunk) apply `logits` themselves.
 
         cache None: plain causal forward. cache + `runs` (`engine.kv_cache.Runs`): each run's tokens write
-        their K/V into its slot from position 0 (prefill; out-of-range slots are dropped); `segments`
+        their K/V into its slot from its start (prefill: 0; out-of-range slots are dropped); `segments`
         [B,T] keeps attention inside each packed prompt. cache + `window`: rows are the cache slots in
         order and attend to cache positions [0, window) (decode; extend, which writes its tokens by
         `runs`); `blocks` [G] limits each slot group to its first blocks.
