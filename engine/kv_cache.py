@@ -52,6 +52,12 @@ class Runs(NamedTuple):
     start: jax.Array  # a multiple of the block size (prefill: 0; extend: the cached prefix)
     count: jax.Array
 
+    @classmethod
+    def first(cls, writes, row, column, slot, length, start) -> Runs:
+        """The runs where `writes` holds, moved to the front (each argument [R])."""
+        order = jnp.argsort(~writes, stable=True)
+        return cls(*(a[order] for a in (row, column, slot, length, start)), count=writes.sum(dtype=jnp.int32))
+
 
 def at_layer(blocks, layer) -> tuple[jax.Array, ...]:
     """One layer's slice (index in the slab: traced, or 0 for a one-layer slab) of each block array:

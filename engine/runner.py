@@ -160,7 +160,7 @@ class Runner:
         # Each prompt's K/V goes to its slot, the prompts that write first; a fork's entry (its tokens are
         # its leader's) and padding prompts (slot S) write nothing.
         width = rows.tokens.shape[1]
-        runs = first_runs((rows.source == jnp.arange(p)) & (slots < s), rows.last // width,
+        runs = Runs.first((rows.source == jnp.arange(p)) & (slots < s), rows.last // width,
                           rows.last % width - rows.lengths + 1, slots, rows.lengths, jnp.zeros_like(slots))
         hidden, cache = model.hidden(rows.tokens, rows.positions, state.cache, runs=runs,
                                      segments=rows.segments, select=None if top is not None else rows.last)
@@ -191,7 +191,7 @@ class Runner:
         runs = None
         if self.mesh.shape["data"] == 1:
             rows_i = jnp.arange(s, dtype=jnp.int32)
-            runs = first_runs(rows.slots < s, rows_i, jnp.zeros_like(rows_i), rows.slots,
+            runs = Runs.first(rows.slots < s, rows_i, jnp.zeros_like(rows_i), rows.slots,
                               (rows.positions < self.max_len).sum(1, dtype=jnp.int32), rows.positions[:, 0])
         logits, cache = self._model(params)(rows.tokens, rows.positions, state.cache, runs=runs,
                                             window=self.max_len, blocks=blocks, select=rows.last)
@@ -335,12 +335,6 @@ class Runner:
     def num_compiled(self) -> int:
         programs = (self._prefill, self._score_prefill, self._decode, self._move, self._extend, self._copy)
         return sum(len(p) for p in programs)
-
-
-def first_runs(writes, row, column, slot, length, start) -> Runs:
-    """`Runs` of the entries where `writes` holds, moved to the front (each argument i32[R])."""
-    order = jnp.argsort(~writes, stable=True)
-    return Runs(*(a[order] for a in (row, column, slot, length, start)), count=writes.sum(dtype=jnp.int32))
 
 
 def copy_targets(targets: list[tuple[int, int]], num_slots: int) -> tuple[np.ndarray, np.ndarray, np.int32]:
