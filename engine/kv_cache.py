@@ -121,6 +121,12 @@ class KVCache:
         return tuple(g[0].shape[1] for g in self.k[0])
 
     @property
+    def group_starts(self) -> tuple[int, ...]:
+        """The first slot of each group."""
+        sizes = self.group_sizes
+        return tuple(sum(sizes[:g]) for g in range(len(sizes)))
+
+    @property
     def block(self) -> int:
         return self.k[0][0][0].shape[3]
 
@@ -184,7 +190,7 @@ class KVCache:
         dtype = self.k[slab][0][0].dtype
         pad = ((0, 0), (0, 0), (0, span), (0, 0))  # a run's last block reads up to `span` past the row
         xk, xv = (jnp.pad(x.astype(dtype), pad) for x in (k, v))
-        starts = [sum(self.group_sizes[:g]) for g in range(len(self.group_sizes))]
+        starts = self.group_starts
 
         def body(r, kv: tuple[Groups, Groups]) -> tuple[Groups, Groups]:
             row, column, slot, length, start = (a[r] for a in runs[:5])
@@ -273,7 +279,7 @@ class KVCache:
         once. Writing a row sliced out
         of the array being written would make XLA:CPU copy that whole array first (and a select over every
         group streams the whole cache), so the reads come first."""
-        starts = [sum(self.group_sizes[:g]) for g in range(len(self.group_sizes))]  # every slab: same groups
+        starts = self.group_starts  # every slab: same groups
 
         def group_of(slot):
             return sum((slot >= s).astype(jnp.int32) for s in starts[1:]) if starts[1:] else jnp.zeros_like(slot)
