@@ -17,9 +17,10 @@ and positions are split:
 Slots are dim 1 of every block array (logical axis `slots`). Positions are per slot: every request
 starts at 0. Entries at or past a slot's length are stale and always masked by position, never cleared.
 Writes: prefill and extend copy each prompt's K/V block by block into its slot (`write_runs`: update
-slices, one compiled kernel shared by every layer, group and block); decode (and extend with the slots
-over `data`) scatters each row's tokens into its own slot (`write`: one scatter per group and block
-array).
+slices, one compiled kernel shared by every layer, group and block); decode puts each row's one token
+into its own slot (`write`: a loop over the rows, an update slice per block, shared kernels likewise);
+extend with the slots over `data` scatters each row's tokens into its own slot (`write`: one scatter
+per group and block array).
 """
 from __future__ import annotations
 
@@ -155,9 +156,11 @@ class KVCache:
 
     def write(self, layer, positions, k: jax.Array, v: jax.Array, limit: int | None = None) -> KVCache:
         """Store k/v [B, H, T, K] of one layer (traced index) for decode (and extend with slots over
-        `data`), where row b is slot b: token (b, t) goes to positions[b, t]; each group scatters only its
+        `data`), where row b is slot b: token (b, t) goes to positions[b, t]; each group writes only its
         own rows, and a position past the cache is dropped (decode past the end; extend padding).
-        `limit` (static): every position is below it, so blocks past it are not touched (the window)."""
+        `limit` (static): every position is below it, so blocks past it are not touched (the window).
+        One token a row (decode): update slices (`_put_tokens`); more (extend): a scatter per block array,
+        each compiled into a kernel of its own on XLA:CPU (see `write_runs`)."""
         slab, layer = self._locate(layer)
         new_k, new_v = [], []
         start = 0
@@ -166,8 +169,13 @@ class KVCache:
             count = len(gk) if limit is None else min(len(gk), math.ceil(limit / self.block))
             part = slice(start, start + size)
             local, pos, xk, xv = jnp.arange(size)[:, None], positions[part], k[part], v[part]
-            new_k.append(self._scatter(gk, count, layer, local, pos, xk))
-            new_v.append(self._scatter(gv, count, layer, local, pos, xv))
+            if k.shape[2] == 1:  # decode: one token a row
+                gk, gv = self._put_tokens(gk, gv, count, layer, pos[:, 0], xk, xv)
+                new_k.append(gk)
+                new_v.append(gv)
+            else:
+                new_k.append(self._scatter(gk, count, layer, local, pos, xk))
+                new_v.append(self._scatter(gv, count, layer, local, pos, xv))
             start += size
         return dataclasses.replace(self, k=_swap(self.k, slab, tuple(new_k)), v=_swap(self.v, slab, tuple(new_v)))
 
@@ -215,6 +223,29 @@ class KVCache:
 
         new_k, new_v = jax.lax.fori_loop(0, runs.count, body, (self.k[slab], self.v[slab]))
         return dataclasses.replace(self, k=_swap(self.k, slab, new_k), v=_swap(self.v, slab, new_v))
+
+    def _put_tokens(self, bk, bv, count: int, layer, positions, xk, xv):
+        """Decode: row i's token (xk/xv [n, H, 1, K]) goes to positions[i] of the group's first `count`
+        blocks: a loop over the rows, and in it per block a `dynamic_update_slice` of the row's one position
+        that writes back the old value unless the position is in that block (so one past them all is
+        dropped). The slices are the same in every layer, group and block: one kernel, compiled once."""
+        size, (_, _, heads, _, dim) = self.block, bk[0].shape
+        xk, xv = (x.astype(bk[0].dtype)[:, None, None] for x in (xk, xv))  # [n, 1, 1, H, 1, K]
+
+        def body(i, kv):
+            local = positions[i] - jnp.arange(count) * size
+            inside, at = (local >= 0) & (local < size), jnp.clip(local, 0, size - 1)
+            new = [xk[i], xv[i]]
+
+            def put(a, b, x):
+                where = (layer, i, 0, at[b], 0)
+                old = jax.lax.dynamic_slice(a, where, (1, 1, heads, 1, dim))
+                return jax.lax.dynamic_update_slice(a, jnp.where(inside[b], x, old), where)
+
+            return tuple(tuple(put(a, b, x) for b, a in enumerate(blocks)) for blocks, x in zip(kv, new))
+
+        head_k, head_v = jax.lax.fori_loop(0, positions.shape[0], body, (tuple(bk[:count]), tuple(bv[:count])))
+        return head_k + tuple(bk[count:]), head_v + tuple(bv[count:])
 
     def _scatter(self, blocks: tuple[jax.Array, ...], count: int, layer, slots, positions,
                  x: jax.Array) -> tuple[jax.Array, ...]:

@@ -166,6 +166,26 @@ def test_runs_write_their_slots_from_their_start_and_nothing_else(groups, stacke
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("groups,stacked", [(1, False), (2, False), (2, True)])
+def test_write_puts_each_rows_tokens_in_its_slot_and_drops_positions_past_the_limit(groups, stacked, tokens):
+    """Decode (one token a row: update slices) and extend over `data` (several: scatters): row b's
+    tokens go to slot b at their positions, in any block; one past the window or the cache is dropped."""
+    cache = random_cache(groups, stacked)
+    k, v = (jax.random.normal(jax.random.key(20 + i), (4, 2, tokens, 4)) for i in range(2))  # [B, H, T, K]
+    first = np.array([127, 0, 382, 256], np.int32)  # across a block edge, the first, the last, a block's first
+    positions = first[:, None] + np.arange(tokens, dtype=np.int32)
+    limit = 256 if tokens == 1 else 384  # decode: a window of 2 blocks; extend: the whole cache
+    want = slots(cache)
+    write = jax.jit(KVCache.write, static_argnums=(1, 5))
+    for layer in range(2):
+        cache = write(cache, layer, positions, k, v, limit)
+        for b, t in np.ndindex(positions.shape):
+            if positions[b, t] < limit:
+                for side, x in enumerate((k, v)):
+                    want[side, layer, b, :, positions[b, t]] = np.asarray(x)[b, :, t]
+    np.testing.assert_array_equal(slots(cache), want)
+
 @pytest.mark.parametrize("groups,stacked", [(1, False), (2, False), (2, True)])
 def test_one_copy_call_fills_every_destination_of_a_source_and_nothing_else(groups, stacked):
     cache = random_cache(groups, stacked)
