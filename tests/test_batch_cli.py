@@ -299,8 +299,9 @@ def test_dummy_gpt2_uses_the_packaged_tokenizer(tmp_path, batch_env):
              {"id": "text", "prompt": "no tokenizer files anywhere"},
              {"id": "stop", "prompt_token_ids": [464], "stop": ["x"]}]
     path = write_jsonl(tmp_path / "ids.jsonl", lines)
+    # --scan-layers: one layer's programs to compile, not 12 (the layer loop runs in every other test here)
     proc = run_batch(batch_env, path, "--load-format", "dummy", "--model", "gpt2", "--max-slots", "2", "--max-seq-len",
-                     "32", "--decode-steps", "2", "--prefill-buckets", "16", "--max-new-tokens", "3")
+                     "32", "--decode-steps", "2", "--prefill-buckets", "16", "--max-new-tokens", "3", "--scan-layers")
     assert proc.returncode == 0, proc.stderr
     ok, text, stop = read_jsonl(tmp_path / "ids.out.jsonl")
     assert isinstance(ok["text"], str) and len(ok["token_ids"]) == 3

@@ -52,8 +52,9 @@ def _samples(model: str, model_args: dict, include: str) -> dict:
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
 
+    tasks = TaskManager(include_path=include, include_defaults=False)  # indexing lm-eval's own tasks: ~20 s
     out = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=["tiny_mc", "tiny_gen"],
-                                  task_manager=TaskManager(include_path=include), log_samples=True,
+                                  task_manager=tasks, log_samples=True,
                                   batch_size=1, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
                                   fewshot_random_seed=0)
     return {task: sorted(out["samples"][task], key=lambda s: s["doc_id"]) for task in ("tiny_mc", "tiny_gen")}
