@@ -79,7 +79,7 @@ def test_dummy_weights_compile_nothing():
 
 def _small_engine(folder, cache, **options) -> Engine:
     """A tiny engine with few programs (one bucket, 2 slots, no prefix caching) keeping them in `cache`."""
-    options = {"max_slots": 2, "max_seq_len": 32, "decode_steps": 2, "prefill_buckets": (16,),
+    options = {"max_slots": 2, "max_seq_len": 16, "decode_steps": 2, "prefill_buckets": (16,),
                "enable_prefix_caching": False, **options}
     return Engine.from_pretrained(folder, compile_cache=str(cache), **options)
 
