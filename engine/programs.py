@@ -176,12 +176,10 @@ def _load_all(wanted: list, workers: int | None) -> tuple[dict[str, float], list
     """Take what the stores hold of `wanted` (program, key, args), loading in a thread pool (loading links
     each program's machine code: ~1.4 s a program for gpt2, and it runs in parallel). Returns the loads'
     seconds per name (0) and what is left to compile, in order."""
-    t0, seconds = time.perf_counter(), defaultdict(float)
+    t0 = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
         hits = list(pool.map(lambda r: r[0].store is not None and r[0].load(r[1]), wanted))
-    for (p, _, _), hit in zip(wanted, hits):
-        if hit:
-            seconds[p.name] += 0.0
+    seconds = defaultdict(float, {p.name: 0.0 for (p, _, _), hit in zip(wanted, hits) if hit})
     if any(hits):
         log.info("loaded %d programs from the executable store in %.1fs", sum(hits), time.perf_counter() - t0)
     return seconds, [r for r, hit in zip(wanted, hits) if not hit]

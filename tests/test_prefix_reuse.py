@@ -186,6 +186,7 @@ def test_write_puts_each_rows_tokens_in_its_slot_and_drops_positions_past_the_li
                     want[side, layer, b, :, positions[b, t]] = np.asarray(x)[b, :, t]
     np.testing.assert_array_equal(slots(cache), want)
 
+
 @pytest.mark.parametrize("groups,stacked", [(1, False), (2, False), (2, True)])
 def test_one_copy_call_fills_every_destination_of_a_source_and_nothing_else(groups, stacked):
     cache = random_cache(groups, stacked)
