@@ -168,14 +168,14 @@ class KVCache:
             size = gk[0].shape[1]
             count = len(gk) if limit is None else min(len(gk), math.ceil(limit / self.block))
             part = slice(start, start + size)
-            local, pos, xk, xv = jnp.arange(size)[:, None], positions[part], k[part], v[part]
+            pos, xk, xv = positions[part], k[part], v[part]
             if k.shape[2] == 1:  # decode: one token a row
                 gk, gv = self._put_tokens(gk, gv, count, layer, pos[:, 0], xk, xv)
-                new_k.append(gk)
-                new_v.append(gv)
             else:
-                new_k.append(self._scatter(gk, count, layer, local, pos, xk))
-                new_v.append(self._scatter(gv, count, layer, local, pos, xv))
+                local = jnp.arange(size)[:, None]
+                gk, gv = (self._scatter(g, count, layer, local, pos, x) for g, x in ((gk, xk), (gv, xv)))
+            new_k.append(gk)
+            new_v.append(gv)
             start += size
         return dataclasses.replace(self, k=_swap(self.k, slab, tuple(new_k)), v=_swap(self.v, slab, tuple(new_v)))
 

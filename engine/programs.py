@@ -178,7 +178,7 @@ def _load_all(wanted: list, workers: int | None) -> tuple[dict[str, float], list
     seconds per name (0) and what is left to compile, in order."""
     t0 = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        hits = list(pool.map(lambda r: r[0].store is not None and r[0].load(r[1]), wanted))
+        hits = list(pool.map(lambda r: r[0].load(r[1]), wanted))  # False without a store
     seconds = defaultdict(float, {p.name: 0.0 for (p, _, _), hit in zip(wanted, hits) if hit})
     if any(hits):
         log.info("loaded %d programs from the executable store in %.1fs", sum(hits), time.perf_counter() - t0)
