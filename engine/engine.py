@@ -31,7 +31,7 @@ import numpy as np
 
 from engine.config import EngineConfig, GPT2Config, preset
 from engine.kv_cache import block_size
-from engine.programs import enable_compilation_cache
+from engine.compile_cache import enable_compilation_cache
 from engine.requests import Completion, RequestError, RequestFactory, TokenLogprob, attach_rows, completion_of
 from engine.runner import Runner
 from engine.sampling import SamplingParams, broadcast_params
@@ -73,7 +73,7 @@ class Engine:
         weights with load_format="dummy". `mesh` ("data=D,model=M" or a Mesh over ("data", "model"); default
         the first device) is checked against the model before any weight is read; each parameter is then
         read straight into its shard. `compile_cache` (default on): keep compiled programs in JAX's
-        persistent cache (see `engine.programs.enable_compilation_cache`; a path picks the folder) and this
+        persistent cache (see `engine.compile_cache.enable_compilation_cache`; a path picks the folder) and this
         engine's executables in its `executables/` subfolder, loaded back by the next engine with the same
         fingerprint without tracing (`engine.programs.ExecutableStore`)."""
         if load_format not in LOAD_FORMATS:

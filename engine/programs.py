@@ -6,12 +6,13 @@ A `Program` wraps one jitted function. Each distinct call shape is a key chosen 
 the cores compile together while the next program traces), then calls dispatch straight to the stored
 executable: no re-tracing, no jit-cache lookup. A key that was not compiled ahead of time is compiled at its
 first call (logged). Compilation goes through JAX's persistent cache when it is on
-(`enable_compilation_cache`). With an `ExecutableStore` (the engine keeps one next to that cache) each
+(`engine.compile_cache.enable_compilation_cache`). With an `ExecutableStore` (the engine keeps one next to that cache) each
 compiled program is also written to disk under a fingerprint of everything that shapes it (engine source, JAX
 version, XLA flags, model and engine config, devices, argument shapes and shardings), and a later process with
 the same fingerprint loads it back without tracing or lowering anything (JAX's cache needs the lowered program
 as its key, and tracing alone takes tens of seconds for the default engine's programs); `compile_all` loads
-in a thread pool too.
+in a thread pool too. A program JAX's cache answered is stored with that cache entry's machine code, so a new
+engine version whose programs did not change fills its store on its first start, compiling nothing.
 
 Invariant: a key names exactly one shape of the non-static arguments; the caller never passes two shapes
 under one key.
@@ -25,45 +26,22 @@ import logging
 import os
 import pickle
 import shutil
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Sequence
 
 import jax
-from jax.experimental.serialize_executable import deserialize_and_load, serialize
+from jax.experimental.serialize_executable import deserialize_and_load
+
+from engine.compile_cache import Built, compile_fresh, serialize_built
 
 log = logging.getLogger(__name__)
-
-CACHE_ENV = "GPT2_ENGINE_COMPILE_CACHE"  # "0" turns the persistent cache off; a path moves it
-_COMPILE = threading.local()  # what JAX reported in this thread during the current `compile_fresh`
-
-
-def _on_jax_event(event: str, *_, **__) -> None:
-    if event == "/jax/compilation_cache/cache_hits":
-        _COMPILE.cache_hit = True
-    elif event == "/jax/core/compile/backend_compile_duration":
-        _COMPILE.backend = True
-
-
-jax.monitoring.register_event_listener(_on_jax_event)
-jax.monitoring.register_event_duration_secs_listener(_on_jax_event)
-
-
-def compile_fresh(lowered: jax.stages.Lowered) -> tuple[jax.stages.Compiled, bool]:
-    """`lowered.compile()`, and whether XLA compiled it just now: False when JAX's persistent cache answered
-    or JAX reused an executable it already held in memory (which may itself come from that cache). On
-    XLA:CPU an executable loaded from that cache serializes incomplete: stored and loaded in another
-    process it fails at run time ("Function ... not found"), so only fresh ones go to a store."""
-    _COMPILE.cache_hit, _COMPILE.backend = False, False
-    compiled = lowered.compile()
-    return compiled, _COMPILE.backend and not _COMPILE.cache_hit
 
 
 class ExecutableStore:
     """Compiled programs on disk: `folder`/`fingerprint`/name-hash(key).bin, one file per (program, key),
     written atomically. A file that cannot be read or loaded is logged and its program compiled again
-    (and stored again when XLA compiled it: `compile_fresh`).
+    (and stored again: `compile_fresh`).
     Loading runs the stored machine code: keep the folder as private as the Python environment."""
 
     KEEP = 32  # fingerprint folders kept (the most recently used); older ones are removed
@@ -89,10 +67,10 @@ class ExecutableStore:
             log.warning("executable store: cannot load %s (%s: %s); compiling it", path, type(e).__name__, e)
             return None
 
-    def save(self, name: str, key: Hashable, compiled: jax.stages.Compiled) -> None:
+    def save(self, name: str, key: Hashable, built: Built) -> None:
         path = self._path(name, key)
         try:
-            payload, in_tree, out_tree = serialize(compiled)
+            payload, in_tree, out_tree = serialize_built(built)
             if not os.path.isdir(self.folder):
                 os.makedirs(self.folder, exist_ok=True)
                 self._prune()
@@ -149,15 +127,13 @@ class Program:
             self._compiled[key] = exe
         return exe is not None
 
-    def save(self, key: Hashable) -> None:
-        if self.store is not None:
-            self.store.save(self.name, key, self._compiled[key])
-
     def compile(self, key: Hashable, lowered: jax.stages.Lowered) -> None:
-        """Compile `key` from its lowered program and store it if XLA compiled it (`compile_fresh`)."""
-        self._compiled[key], fresh = compile_fresh(lowered)
-        if fresh:
-            self.save(key)
+        """Compile `key` from its lowered program and store it when its machine code is known
+        (`compile_fresh`)."""
+        built = compile_fresh(lowered)
+        self._compiled[key] = built.compiled
+        if self.store is not None and built.storable:
+            self.store.save(self.name, key, built)
 
     def __call__(self, key: Hashable, *args):
         exe = self._compiled.get(key)
@@ -224,20 +200,3 @@ def compile_all(requests: Sequence[tuple[Program, Hashable, tuple]], workers: in
                  len(unique), time.perf_counter() - t0, lower_s,
                  ", ".join(f"{n} x{counts[n]} {s:.1f}s" for n, s in seconds.items() if counts[n]))
     return dict(seconds)
-
-
-def enable_compilation_cache(path: str | os.PathLike | None = None) -> str | None:
-    """Turn on JAX's persistent compilation cache for this process (every program, however fast it
-    compiled): in `path`, else $GPT2_ENGINE_COMPILE_CACHE, else $JAX_COMPILATION_CACHE_DIR, else
-    $XDG_CACHE_HOME/gpt2-jax-engine/xla (~/.cache by default). $GPT2_ENGINE_COMPILE_CACHE=0 turns it
-    off. Returns the folder in use (None: off). The setting is process-wide, as JAX's is."""
-    env = os.environ.get(CACHE_ENV)
-    if path is None and env in ("0", "false", "off"):
-        return None
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    folder = str(path or env or os.environ.get("JAX_COMPILATION_CACHE_DIR")
-                 or os.path.join(base, "gpt2-jax-engine", "xla"))
-    jax.config.update("jax_compilation_cache_dir", folder)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    return folder

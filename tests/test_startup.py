@@ -131,12 +131,22 @@ def test_a_damaged_stored_program_is_compiled_again_and_other_configs_get_their_
     assert plain.runner._decode.store is None
 
 
-def test_programs_from_jax_persistent_cache_are_not_stored(small_model):
-    """On XLA:CPU such an executable serializes incomplete (it fails when loaded in another process)."""
+def test_programs_answered_by_jax_persistent_cache_are_stored_whole(small_model):
+    """A new engine version whose programs did not change: the store misses, JAX's cache answers every
+    program, and the store is filled from that cache's entries (an executable loaded from JAX's cache
+    serializes incomplete on XLA:CPU and fails at run time), so the next engine traces nothing."""
     folder, cache = small_model
-    _small_engine(folder, cache).warmup()  # stored by the tests above, or now
-    stored = _small_engine(folder, cache).runner._decode.store.folder
+    prompts, params = [[5, 6, 7], [8, 9]], SamplingParams(max_new_tokens=4, temperature=0.9, seed=3)
+    first = _small_engine(folder, cache)
+    first.warmup()  # stored by the tests above, or now
+    expected = [c.token_ids for c in first.generate(prompts, params)]
+    stored = first.runner._decode.store.folder
     shutil.rmtree(stored)
+    jax.clear_caches()  # as in a new process: JAX holds none of these executables in memory
     again = _small_engine(folder, cache)
-    again.warmup()  # every program from JAX's persistent cache: lowered, not compiled
-    assert again.runner.num_compiled == again.num_programs and not os.path.exists(stored)
+    assert set(again.warmup().values()) != {0.0}  # lowered, answered by JAX's cache
+    assert again.runner.trace_count > 0
+    assert len([f for f in os.listdir(stored) if f.endswith(".bin")]) == again.num_programs
+    third = _small_engine(folder, cache)
+    assert set(third.warmup().values()) == {0.0} and third.runner.trace_count == 0
+    assert [c.token_ids for c in third.generate(prompts, params)] == expected
