@@ -111,8 +111,8 @@ DTYPES = ("float32", "bfloat16")
 
 
 # Programs `Engine.warmup` compiles for the default EngineConfig on a 1024-position model (README
-# "Start-up and compilation"): 17 prefill (bucket x rows), 3 decode (1 window x widths 1, 4, 16), 1 row
-# move, and for prefix caching 2 extend (suffix buckets 32 and 128) and 1 block copy.
+# "Start-up and compilation"): 17 prefill (bucket x rows), 3 decode (1 window x widths 1, 4, 16), 1 block
+# copy, 1 row move, and for prefix caching 2 extend (suffix buckets 32 and 128).
 DEFAULT_PROGRAMS = 24
 
 

@@ -109,10 +109,14 @@ def prefill_key(rows: PrefillRows) -> tuple[int, int, int]:
 
 
 def move_row(state: DecodeState, src, dst) -> DecodeState:
-    """Row dst of every per-slot array (dim 0) takes row src, in place (cache rows included)."""
-    rest = jax.tree.map(lambda a: jax.lax.dynamic_update_index_in_dim(a, jax.lax.dynamic_index_in_dim(a, src, 0),
-                                                                   dst, 0), dataclasses.replace(state, cache=None))
-    return dataclasses.replace(rest, cache=state.cache.copy_slot(src, dst))
+    """Row dst of every per-slot array (dim 0) takes row src, in place, the cache's lengths included; the
+    cache's K/V pass through untouched (their rows move by the block copy, `KVCache.copy_blocks`, one
+    program for both jobs: the K/V arrays are hundreds of buffers, each a kernel of its own)."""
+    def row(a: jax.Array) -> jax.Array:
+        return jax.lax.dynamic_update_index_in_dim(a, jax.lax.dynamic_index_in_dim(a, src, 0), dst, 0)
+
+    rest = jax.tree.map(row, dataclasses.replace(state, cache=None))
+    return dataclasses.replace(rest, cache=dataclasses.replace(state.cache, lengths=row(state.cache.lengths)))
 
 
 def put_rows(slots, target, rows):

@@ -123,8 +123,8 @@ class Engine:
 
     @property
     def num_programs(self) -> int:
-        """How many programs `warmup` compiles for this configuration (prefill + decode + move, and with
-        prefix caching extend + copy)."""
+        """How many programs `warmup` compiles for this configuration (prefill + decode + block copy + row
+        move, and with prefix caching extend)."""
         sc = self.scheduler.config
         return len(self.runner.programs(sc.prefill_buckets, sc.decode_windows, sc.decode_slot_counts,
                                         extend=self._extend_buckets()))

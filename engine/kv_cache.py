@@ -131,6 +131,11 @@ class KVCache:
     def block(self) -> int:
         return self.k[0][0][0].shape[3]
 
+    @property
+    def blocks(self) -> int:
+        """Blocks per slot."""
+        return len(self.k[0][0])
+
     def _locate(self, layer) -> tuple[int, object]:
         """(slab, index in the slab) of a layer: a Python int with one slab per layer, else traced."""
         return (layer, 0) if len(self.k) > 1 else (0, layer)
@@ -293,13 +298,6 @@ class KVCache:
         width = head.lengths.shape[0]
         return KVCache(tuple(map(put, self.k, head.k)), tuple(map(put, self.v, head.v)),
                        self.lengths.at[:width].set(head.lengths))
-
-    def copy_slot(self, src, dst) -> KVCache:
-        """Slot dst takes slot src's K/V and length (traced slot indices, any groups): one program for every
-        pair."""
-        dsts, counts = jnp.reshape(dst, (1,)), jnp.full((1,), len(self.k[0][0]), jnp.int32)
-        moved = self.copy_blocks(src, dsts, counts, 1)
-        return dataclasses.replace(moved, lengths=self.lengths.at[dst].set(self.lengths[src]))
 
     def copy_blocks(self, src, dsts, counts, n) -> KVCache:
         """For i < n: slot dsts[i]'s first counts[i] blocks take slot src's (traced: src and n i32[],

@@ -292,14 +292,18 @@ class Runner:
 
     def move(self, moves: list[tuple[int, int]]) -> None:
         """Copy every per-slot row (KV cache included) from src to dst slot, for each (src, dst) in order:
-        one call per move, one program for every pair of slots."""
+        the K/V blocks by the block copy, the other rows by the move program; one program each for every
+        pair of slots."""
         for src, dst in moves:
-            self.state = self._move((), self.state, np.int32(src), np.int32(dst))
+            if src != dst:
+                self.copy([(src, dst, self.state.cache.blocks)])
+                self.state = self._move((), self.state, np.int32(src), np.int32(dst))
 
     def programs(self, buckets: tuple[int, ...], windows: tuple[int, ...], widths: tuple[int, ...] = (),
                  score: bool = False, extend: tuple[int, ...] | None = None) -> list:
         """(program, key, example args) of every program the engine can run: each (window, width) decode,
-        with `extend` (prefix reuse on: its suffix buckets) each extend and the copy, the move, and each
+        with `extend` (prefix reuse on: its suffix buckets) each extend, the block copy and the row move
+        (a slot's move is both), and each
         (bucket, rows) prefill (with `score`, its scoring variant too). Slowest to compile first (decode,
         extend, then the larger shapes), so a parallel `compile_all` ends on short programs."""
         out = []
@@ -312,8 +316,7 @@ class Runner:
             rows = dummy_extend_rows(self.ecfg.max_slots, bucket, self.max_len, self.ban)
             blocks = np.zeros(len(self.state.cache.group_sizes), np.int32)
             out.append((self._extend, bucket, (self.params, self.state, rows, blocks)))
-        if extend is not None:
-            out.append((self._copy, (), (self.state.cache, np.int32(0), *copy_targets([], self.ecfg.max_slots))))
+        out.append((self._copy, (), (self.state.cache, np.int32(0), *copy_targets([], self.ecfg.max_slots))))
         out.append((self._move, (), (self.state, np.int32(0), np.int32(0))))
         data = self.mesh.shape["data"]
         for bucket in sorted(buckets, reverse=True):
