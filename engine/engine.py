@@ -63,6 +63,8 @@ class Engine:
         self.scheduler = Scheduler(self._scheduler_config())
         self.requests = RequestFactory(cfg, tokenizer, self.max_seq_len, ecfg.seed)
         self._steps = StepRunner(self.runner, self.scheduler)
+        sc = self.scheduler.config  # the stored programs a job needs first start loading now, in the background
+        self.runner.prefetch(sc.decode_windows, sc.decode_slot_counts, self._extend_buckets())
         self._logits_fn = jax.jit(lambda p, tokens: self.runner._model(p)(tokens, jnp.arange(tokens.shape[1])[None])[0])
 
     @classmethod

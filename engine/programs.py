@@ -6,26 +6,32 @@ A `Program` wraps one jitted function. Each distinct call shape is a key chosen 
 the cores compile together while the next program traces), then calls dispatch straight to the stored
 executable: no re-tracing, no jit-cache lookup. A key that was not compiled ahead of time is compiled at its
 first call (logged). Compilation goes through JAX's persistent cache when it is on
-(`engine.compile_cache.enable_compilation_cache`). With an `ExecutableStore` (the engine keeps one next to that cache) each
-compiled program is also written to disk under a fingerprint of everything that shapes it (engine source, JAX
+(`engine.compile_cache.enable_compilation_cache`). With an `ExecutableStore` (the engine keeps one next to
+that cache) each compiled program is also written to disk under a fingerprint of everything that shapes it (engine source, JAX
 version, XLA flags, model and engine config, devices, argument shapes and shardings), and a later process with
 the same fingerprint loads it back without tracing or lowering anything (JAX's cache needs the lowered program
 as its key, and tracing alone takes tens of seconds for the default engine's programs); `compile_all` loads
 in a thread pool too. A program JAX's cache answered is stored with that cache entry's machine code, so a new
 engine version whose programs did not change fills its store on its first start, compiling nothing.
+`Program.prefetch` starts loading a stored program in the background (`Prefetch`: one thread) before it is
+needed; whoever needs it first takes it over, or waits for it when its load is under way.
 
 Invariant: a key names exactly one shape of the non-static arguments; the caller never passes two shapes
 under one key.
 """
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
+import functools
 import hashlib
 import importlib.metadata
 import logging
 import os
 import pickle
+import queue
 import shutil
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Sequence
@@ -53,6 +59,9 @@ class ExecutableStore:
 
     def _path(self, name: str, key: Hashable) -> str:
         return os.path.join(self.folder, f"{name}-{hashlib.sha256(repr(key).encode()).hexdigest()[:24]}.bin")
+
+    def has(self, name: str, key: Hashable) -> bool:
+        return os.path.exists(self._path(name, key))
 
     def load(self, name: str, key: Hashable) -> jax.stages.Compiled | None:
         path = self._path(name, key)
@@ -104,12 +113,60 @@ def fingerprint(*parts) -> str:
     return h.hexdigest()[:32]
 
 
+class Prefetch:
+    """Loads stored programs in the background, one at a time, in the order asked: one daemon thread, so
+    the other cores keep working; a program needed meanwhile is loaded by whoever needs it (or waited for,
+    when its load is under way). At exit the queued loads are dropped and the one under way finishes."""
+
+    def __init__(self):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock, self._thread, self._stopped = threading.Lock(), None, False
+
+    def submit(self, fn: Callable) -> concurrent.futures.Future:
+        future = concurrent.futures.Future()
+        with self._lock:
+            if self._stopped:
+                future.cancel()
+                return future
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="program-prefetch", daemon=True)
+                self._thread.start()
+                atexit.register(self.stop)  # before JAX's own exit handlers (last registered, first run)
+            self._queue.put((future, fn))
+        return future
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            future, fn = item
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as e:  # handed to whoever waits for it
+                    future.set_exception(e)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped, thread = True, self._thread
+            while True:
+                try:
+                    self._queue.get_nowait()[0].cancel()
+                except queue.Empty:
+                    break
+            self._queue.put(None)
+        if thread is not None:
+            thread.join()
+
+
+PREFETCH = Prefetch()
+
+
 class Program:
     def __init__(self, name: str, fn: Callable, *, static_argnums: tuple[int, ...] = (),
                  store: ExecutableStore | None = None, **jit_options):
         self.name, self.static, self.store = name, static_argnums, store
         self._jit = jax.jit(fn, static_argnums=static_argnums, **jit_options)
         self._compiled: dict[Hashable, jax.stages.Compiled] = {}
+        self._pending: dict[Hashable, concurrent.futures.Future] = {}  # background loads (`prefetch`)
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._compiled
@@ -120,9 +177,29 @@ class Program:
     def lower(self, *args) -> jax.stages.Lowered:
         return self._jit.lower(*args)
 
+    def prefetch(self, key: Hashable) -> None:
+        """Start loading `key` from the store in the background (`PREFETCH`), if the store has it."""
+        if key not in self._compiled and key not in self._pending and self.store is not None \
+                and self.store.has(self.name, key):
+            self._pending[key] = PREFETCH.submit(functools.partial(self._fetch, key))
+
+    def _fetch(self, key: Hashable) -> jax.stages.Compiled | None:
+        exe = self.store.load(self.name, key)
+        if exe is not None:
+            self._compiled.setdefault(key, exe)
+        self._pending.pop(key, None)
+        return exe
+
     def load(self, key: Hashable) -> bool:
-        """Take `key`'s executable from the store, if it has it."""
-        exe = self.store.load(self.name, key) if self.store is not None else None
+        """Take `key`'s executable from the store, if it has it (a background load of it not yet started
+        is done here instead; one under way is waited for)."""
+        if key in self._compiled:  # a background load just finished
+            return True
+        pending = self._pending.pop(key, None)
+        if pending is not None and not pending.cancel():
+            exe = pending.result()
+        else:
+            exe = self.store.load(self.name, key) if self.store is not None else None
         if exe is not None:
             self._compiled[key] = exe
         return exe is not None

@@ -328,6 +328,14 @@ class Runner:
                     out.append((self._score_prefill, prefill_key(rows), (self.params, self.state, rows, np.int32(0))))
         return out
 
+    def prefetch(self, windows: tuple[int, ...], widths: tuple[int, ...], extend: tuple[int, ...] | None) -> None:
+        """Start loading the stored decode, extend, copy and move programs in the background, in that order
+        (`Program.prefetch`): every job needs some of them right after its first prefill, and a lazy
+        start would load each one then; prefill programs (one per bucket x rows, a job meets a few) load
+        on first use."""
+        for program, key, _ in self.programs((), windows, widths, extend=extend):
+            program.prefetch(key)
+
     def warmup(self, buckets: tuple[int, ...], windows: tuple[int, ...], widths: tuple[int, ...] = (),
                score: bool = False, extend: tuple[int, ...] | None = None) -> dict:
         """Compile every program (in parallel; none runs): afterwards no prompt length, slot count or

@@ -1,9 +1,12 @@
 """Start-up: the default configuration's program count is pinned, warm-up compiles exactly that many
 executables (in parallel), a second engine loads them from the executable store without tracing, and
 dummy weights are drawn without compiling."""
+import functools
 import logging
 import os
 import shutil
+import threading
+import time
 
 import jax
 import numpy as np
@@ -107,6 +110,46 @@ def test_a_second_engine_loads_every_program_from_the_executable_store(small_mod
     assert (second.runner.num_compiled, second.runner.trace_count) == (second.num_programs, 0)
     assert [c.token_ids for c in second.generate(prompts, params)] == expected
     assert second.runner.trace_count == 0
+
+
+def test_an_engine_starts_loading_its_stored_decode_programs_in_the_background(small_model):
+    folder, cache = small_model
+    prompts, params = [[5, 6, 7], [8, 9]], SamplingParams(max_new_tokens=4, temperature=0.9, seed=2)
+    first = _small_engine(folder, cache)
+    first.warmup()
+    expected = [c.token_ids for c in first.generate(prompts, params)]
+    second = _small_engine(folder, cache)
+    runner = second.runner
+    programs = {p.name: p for p in (runner._decode, runner._prefill, runner._copy, runner._move)}
+    pending = {(p.name, k): f for p in programs.values() for k, f in p._pending.items()}
+    assert {name for name, _ in pending} == {"decode", "copy", "move"}  # prefill loads on first use
+    assert all(f.result(timeout=60) is not None for f in pending.values())
+    assert all(k in programs[name] for name, k in pending)  # each took its place among the executables
+    assert not any(p._pending for p in programs.values())
+    assert [c.token_ids for c in second.generate(prompts, params)] == expected
+    assert runner.trace_count == 0
+
+
+def test_prefetch_runs_loads_in_order_and_drops_the_queued_ones_when_stopped():
+    from engine.programs import Prefetch
+
+    prefetch, started, gate = Prefetch(), [], threading.Event()
+
+    def load(i):
+        started.append(i)
+        gate.wait(10)
+        return i
+
+    futures = [prefetch.submit(functools.partial(load, i)) for i in range(3)]
+    while not started:
+        time.sleep(0.01)
+    assert futures[2].cancel() and not futures[0].cancel()  # queued: cancellable; under way: not
+    stopper = threading.Thread(target=prefetch.stop)
+    stopper.start()
+    gate.set()
+    stopper.join(10)
+    assert futures[0].result() == 0 and futures[1].cancelled() and started == [0]
+    assert prefetch.submit(lambda: 1).cancelled()  # stopped: nothing more runs
 
 
 def test_a_damaged_stored_program_is_compiled_again_and_other_configs_get_their_own(small_model, caplog):
