@@ -31,10 +31,9 @@ def batch_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def batch_env(tmp_path_factory) -> dict:
-    """The environment of a `launch.batch` subprocess: offline, 8 fake CPU devices, and one compilation cache
-    shared by every such run, so only the first compiles."""
-    cache = tmp_path_factory.mktemp("jax_cache")
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache),
-            "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+def batch_env() -> dict:
+    """The environment of a `launch.batch` subprocess: offline, 8 fake CPU devices, and the compile cache
+    every entry point uses (`engine.compile_cache.enable_compilation_cache`), as the in-process tests do:
+    only the first run of a program compiles it, and a later session loads it from the executable store."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}

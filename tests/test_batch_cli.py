@@ -1,7 +1,7 @@
 """End to end: `python -m launch.batch` in a subprocess on a tiny checkpoint folder with the GPT-2 tokenizer.
 
-Every run shares one small engine shape and one JAX compilation cache (`batch_model`, `batch_env` in
-conftest), so only the first run compiles.
+Every run shares one small engine shape and the compile cache every entry point uses (`batch_model`,
+`batch_env` in conftest), so only the first run of a session compiles, and none once the cache is warm.
 """
 from __future__ import annotations
 
