@@ -4,8 +4,11 @@
 
 Each figure is a fresh process (`python -m launch.serve` or `python -m launch.batch`) timed from spawn:
 - serve gpt2 (a random 124M safetensors checkpoint), default engine: until `/health` answers 200, every
-  program compiled (the server warms up before it opens its port); cold = empty compile cache
-  ($XDG_CACHE_HOME in a new temporary folder), warm = the same folder again;
+  program compiled (the server warms up before it opens its port; programs already in the executable
+  store load in the background after it opens); cold = empty compile cache ($XDG_CACHE_HOME in a new
+  temporary folder), warm = the same folder again; then the latency of a first request (4 tokens) sent
+  right after, and the seconds from spawn until every program is in memory (/metrics
+  engine_programs_ready) with the peak maps until then;
 - serve gpt2-xl (`--load-format dummy`), cold: compile time should barely grow with depth;
 - `launch.batch examples/prompts.jsonl` with the gpt2 checkpoint, process start to exit, cold and warm;
 - `init_dummy` of gpt2 in this process.
@@ -62,10 +65,43 @@ def _env(cache: Path) -> dict:
             "JAX_PLATFORMS": "cpu"}
 
 
+def _metric(port: int, name: str) -> float | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    return next((float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")), None)
+
+
+def _first_request(port: int) -> float:
+    """Seconds of one completion (4 tokens) sent as soon as the server is healthy."""
+    body = json.dumps({"model": "m", "prompt": "The quick brown fox", "max_tokens": 4}).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
+                                     {"Content-Type": "application/json"})
+    t0 = time.perf_counter()
+    with urllib.request.urlopen(request, timeout=600) as r:
+        r.read()
+    return time.perf_counter() - t0
+
+
+def _until_loaded(proc, port: int, t0: float, timeout: float, peak: int) -> tuple[float, int]:
+    """Seconds from spawn until every program is in memory (/metrics engine_programs_ready = _total)."""
+    while time.perf_counter() - t0 < timeout:
+        peak = max(peak, _maps(proc.pid))
+        ready, total = _metric(port, "engine_programs_ready"), _metric(port, "engine_programs_total")
+        if ready is not None and ready >= total:
+            return time.perf_counter() - t0, max(peak, _maps(proc.pid))
+        time.sleep(0.2)
+    raise RuntimeError(f"programs not loaded after {timeout}s")
+
+
 def serve(model: str, cache: Path, extra: list[str], timeout: float) -> dict:
-    """Seconds from spawn to /health 200, and the peak map count until then."""
+    """Seconds from spawn to /health 200, and the peak map count until then; then the latency of a first
+    request and the seconds from spawn until every program is in memory (with the peak maps until then)."""
     port = _free_port()
-    cmd = [sys.executable, "-m", "launch.serve", "--model", model, "--port", str(port), *extra]
+    cmd = [sys.executable, "-m", "launch.serve", "--model", model, "--port", str(port), "--served-model-name", "m",
+           *extra]
     t0, peak = time.perf_counter(), 0
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(cache), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
@@ -75,7 +111,10 @@ def serve(model: str, cache: Path, extra: list[str], timeout: float) -> dict:
             if proc.poll() is not None:
                 raise RuntimeError(f"{cmd} exited {proc.returncode}: {proc.stderr.read()[-2000:]}")
             if _healthy(port):
-                return {"seconds": time.perf_counter() - t0, "peak_maps": max(peak, _maps(proc.pid))}
+                out = {"seconds": time.perf_counter() - t0, "peak_maps": max(peak, _maps(proc.pid))}
+                first = _first_request(port)
+                loaded, peak = _until_loaded(proc, port, t0, timeout, out["peak_maps"])
+                return {**out, "first_request_s": first, "loaded_s": loaded, "loaded_peak_maps": peak}
             time.sleep(0.2)
         raise RuntimeError(f"{cmd} not healthy after {timeout}s")
     finally:
@@ -156,9 +195,12 @@ def main(argv=None) -> None:
         rows["init_dummy gpt2 (in process)"] = {"seconds": dummy_init_seconds(), "peak_maps": None}
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"{'what':34s} {'seconds':>8s} {'peak maps':>10s}", file=sys.stderr)
+    print(f"{'what':34s} {'seconds':>8s} {'peak maps':>10s} {'1st request s':>14s} {'all loaded s':>13s} "
+          f"{'maps then':>10s}", file=sys.stderr)
     for name, r in rows.items():
-        print(f"{name:34s} {r['seconds']:8.1f} {r['peak_maps'] if r['peak_maps'] is not None else '-':>10}",
+        extra = (f" {r['first_request_s']:14.2f} {r['loaded_s']:13.1f} {r['loaded_peak_maps']:10}"
+                 if "loaded_s" in r else "")
+        print(f"{name:34s} {r['seconds']:8.1f} {r['peak_maps'] if r['peak_maps'] is not None else '-':>10}{extra}",
               file=sys.stderr)
     line = json.dumps({"startup": rows, **environment()})
     if args.json_out:

@@ -115,13 +115,15 @@ class Engine:
     def _extend_buckets(self) -> tuple[int, ...] | None:
         return self.engine_config.extend_buckets(block_size(self.max_seq_len))
 
-    def warmup(self, score: bool = False) -> dict[str, float]:
+    def warmup(self, score: bool = False, background: bool = False) -> dict[str, float]:
         """Compile every program now (in parallel); afterwards no prompt length or parameter mix compiles
         again (with `score`, also the scoring prefill programs: then prompt_logprobs requests compile
-        nothing either). Returns the compile seconds per program class."""
+        nothing either). With `background`, programs the executable store holds are not waited for: they
+        load in the background (a call meanwhile loads or waits for its own). Returns the compile seconds
+        per program class (loads count as 0)."""
         sc = self.scheduler.config
         return self.runner.warmup(sc.prefill_buckets, sc.decode_windows, sc.decode_slot_counts, score=score,
-                                  extend=self._extend_buckets())
+                                  extend=self._extend_buckets(), background=background)
 
     @property
     def num_programs(self) -> int:

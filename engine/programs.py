@@ -114,13 +114,14 @@ def fingerprint(*parts) -> str:
 
 
 class Prefetch:
-    """Loads stored programs in the background, one at a time, in the order asked: one daemon thread, so
-    the other cores keep working; a program needed meanwhile is loaded by whoever needs it (or waited for,
-    when its load is under way). At exit the queued loads are dropped and the one under way finishes."""
+    """Loads stored programs in the background in the order asked, on `threads` daemon threads (the
+    process's: half the cores, so the others keep working); a program needed meanwhile is loaded by
+    whoever needs it (or waited for, when its load is under way). At exit the queued loads are dropped
+    and those under way finish."""
 
-    def __init__(self):
+    def __init__(self, threads: int = 1):
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._lock, self._thread, self._stopped = threading.Lock(), None, False
+        self._lock, self._threads, self._stopped, self.threads = threading.Lock(), [], False, threads
 
     def submit(self, fn: Callable) -> concurrent.futures.Future:
         future = concurrent.futures.Future()
@@ -128,9 +129,11 @@ class Prefetch:
             if self._stopped:
                 future.cancel()
                 return future
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="program-prefetch", daemon=True)
-                self._thread.start()
+            if not self._threads:
+                self._threads = [threading.Thread(target=self._run, name=f"program-prefetch-{i}", daemon=True)
+                                 for i in range(self.threads)]
+                for thread in self._threads:
+                    thread.start()
                 atexit.register(self.stop)  # before JAX's own exit handlers (last registered, first run)
             self._queue.put((future, fn))
         return future
@@ -146,18 +149,19 @@ class Prefetch:
 
     def stop(self) -> None:
         with self._lock:
-            self._stopped, thread = True, self._thread
+            self._stopped, threads = True, self._threads
             while True:
                 try:
                     self._queue.get_nowait()[0].cancel()
                 except queue.Empty:
                     break
-            self._queue.put(None)
-        if thread is not None:
+            for _ in threads:
+                self._queue.put(None)
+        for thread in threads:
             thread.join()
 
 
-PREFETCH = Prefetch()
+PREFETCH = Prefetch(max(1, (os.cpu_count() or 2) // 2))
 
 
 class Program:
@@ -176,6 +180,11 @@ class Program:
 
     def lower(self, *args) -> jax.stages.Lowered:
         return self._jit.lower(*args)
+
+    def stored(self, key: Hashable) -> bool:
+        """Whether `key` is held, loading or in the store (so it needs no compiling)."""
+        return key in self._compiled or key in self._pending or (
+            self.store is not None and self.store.has(self.name, key))
 
     def prefetch(self, key: Hashable) -> None:
         """Start loading `key` from the store in the background (`PREFETCH`), if the store has it."""

@@ -337,10 +337,20 @@ class Runner:
             program.prefetch(key)
 
     def warmup(self, buckets: tuple[int, ...], windows: tuple[int, ...], widths: tuple[int, ...] = (),
-               score: bool = False, extend: tuple[int, ...] | None = None) -> dict:
+               score: bool = False, extend: tuple[int, ...] | None = None, background: bool = False) -> dict:
         """Compile every program (in parallel; none runs): afterwards no prompt length, slot count or
-        parameter mix compiles again. Returns the compile seconds per program class."""
-        return compile_all(self.programs(buckets, windows, widths, score, extend))
+        parameter mix compiles again. With `background`, the stored ones only start loading (in the
+        programs' order, `Program.prefetch`) and the rest compile now. Returns the compile seconds per
+        program class (loads count as 0)."""
+        programs = self.programs(buckets, windows, widths, score, extend)
+        if not background:
+            return compile_all(programs)
+        stored = [(p, k) for p, k, _ in programs if p.stored(k)]
+        seconds = compile_all([r for r in programs if not r[0].stored(r[1])])
+        for program, key in stored:
+            program.prefetch(key)
+            seconds.setdefault(program.name, 0.0)
+        return seconds
 
     @property
     def num_compiled(self) -> int:

@@ -249,6 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="as Engine.from_pretrained: auto, safetensors, dummy (random weights of the model's shape)")
     p.add_argument("--no-warmup", dest="warmup", action="store_false",
                    help="skip compiling every program before serving (the first requests compile instead)")
+    p.add_argument("--wait-for-loads", action="store_true",
+                   help="open the port only once every program is in memory; unset: programs the executable store "
+                        "holds load in the background after the port opens (a request meanwhile loads or waits for "
+                        "its own; /metrics engine_programs_ready counts them)")
     p.add_argument("--warmup-scoring", action="store_true",
                    help="also compile the scoring prefill programs before serving (echo / prompt_logprobs requests, "
                         "e.g. lm-eval log-likelihoods; they roughly double the prefill compile time); unset: each "
@@ -278,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", e)
         return 1
     if args.warmup:
-        engine.warmup(score=args.warmup_scoring)
+        engine.warmup(score=args.warmup_scoring, background=not args.wait_for_loads)
     import jax
 
     device = f"{jax.devices()[0].device_kind} x{jax.device_count()}"

@@ -130,6 +130,26 @@ def test_an_engine_starts_loading_its_stored_decode_programs_in_the_background(s
     assert runner.trace_count == 0
 
 
+def test_a_background_warmup_compiles_what_the_store_lacks_and_loads_the_rest_behind(small_model):
+    folder, cache = small_model
+    prompts, params = [[5, 6, 7], [8, 9]], SamplingParams(max_new_tokens=4, temperature=0.9, seed=4)
+    first = _small_engine(folder, cache)
+    first.warmup()
+    expected = [c.token_ids for c in first.generate(prompts, params)]
+    os.remove(first.runner._move.store._path("move", ()))
+    jax.clear_caches()  # as in a new process: move compiles (JAX's cache answers) and is stored again
+    second = _small_engine(folder, cache)
+    seconds = second.warmup(background=True)
+    assert seconds["move"] > 0 and {s for name, s in seconds.items() if name != "move"} == {0.0}
+    assert second.runner.trace_count == 0 and os.path.exists(first.runner._move.store._path("move", ()))
+    runner = second.runner
+    for program in (runner._decode, runner._prefill, runner._copy, runner._move):
+        for future in list(program._pending.values()):
+            future.result(timeout=60)
+    assert runner.num_compiled == second.num_programs
+    assert [c.token_ids for c in second.generate(prompts, params)] == expected and runner.trace_count == 0
+
+
 def test_prefetch_runs_loads_in_order_and_drops_the_queued_ones_when_stopped():
     from engine.programs import Prefetch
 
