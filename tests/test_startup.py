@@ -1,12 +1,13 @@
 """Start-up: the default configuration's program count is pinned, warm-up compiles exactly that many
 executables (in parallel), a second engine loads them from the executable store without tracing, and
-dummy weights are drawn without compiling."""
+dummy weights are drawn without compiling; stored programs also load in the background (`Prefetch`)."""
 import functools
 import logging
 import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -112,13 +113,18 @@ def test_a_second_engine_loads_every_program_from_the_executable_store(small_mod
     assert second.runner.trace_count == 0
 
 
-def test_an_engine_starts_loading_its_stored_decode_programs_in_the_background(small_model):
-    folder, cache = small_model
-    prompts, params = [[5, 6, 7], [8, 9]], SamplingParams(max_new_tokens=4, temperature=0.9, seed=2)
+def _stored_run(folder, cache, seed: int) -> tuple[Engine, Callable[[Engine], list]]:
+    """A warmed-up engine (every program compiled or loaded, so stored) and a sampled run on an engine."""
+    prompts, params = [[5, 6, 7], [8, 9]], SamplingParams(max_new_tokens=4, temperature=0.9, seed=seed)
     first = _small_engine(folder, cache)
     first.warmup()
-    expected = [c.token_ids for c in first.generate(prompts, params)]
-    second = _small_engine(folder, cache)
+    return first, lambda engine: [c.token_ids for c in engine.generate(prompts, params)]
+
+
+def test_an_engine_starts_loading_its_stored_decode_programs_in_the_background(small_model):
+    first, run = _stored_run(*small_model, seed=2)
+    expected = run(first)
+    second = _small_engine(*small_model)
     runner = second.runner
     programs = {p.name: p for p in (runner._decode, runner._prefill, runner._copy, runner._move)}
     pending = {(p.name, k): f for p in programs.values() for k, f in p._pending.items()}
@@ -126,19 +132,15 @@ def test_an_engine_starts_loading_its_stored_decode_programs_in_the_background(s
     assert all(f.result(timeout=60) is not None for f in pending.values())
     assert all(k in programs[name] for name, k in pending)  # each took its place among the executables
     assert not any(p._pending for p in programs.values())
-    assert [c.token_ids for c in second.generate(prompts, params)] == expected
-    assert runner.trace_count == 0
+    assert run(second) == expected and runner.trace_count == 0
 
 
 def test_a_background_warmup_compiles_what_the_store_lacks_and_loads_the_rest_behind(small_model):
-    folder, cache = small_model
-    prompts, params = [[5, 6, 7], [8, 9]], SamplingParams(max_new_tokens=4, temperature=0.9, seed=4)
-    first = _small_engine(folder, cache)
-    first.warmup()
-    expected = [c.token_ids for c in first.generate(prompts, params)]
+    first, run = _stored_run(*small_model, seed=4)
+    expected = run(first)
     os.remove(first.runner._move.store._path("move", ()))
     jax.clear_caches()  # as in a new process: move compiles (JAX's cache answers) and is stored again
-    second = _small_engine(folder, cache)
+    second = _small_engine(*small_model)
     seconds = second.warmup(background=True)
     assert seconds["move"] > 0 and {s for name, s in seconds.items() if name != "move"} == {0.0}
     assert second.runner.trace_count == 0 and os.path.exists(first.runner._move.store._path("move", ()))
@@ -147,7 +149,7 @@ def test_a_background_warmup_compiles_what_the_store_lacks_and_loads_the_rest_be
         for future in list(program._pending.values()):
             future.result(timeout=60)
     assert runner.num_compiled == second.num_programs
-    assert [c.token_ids for c in second.generate(prompts, params)] == expected and runner.trace_count == 0
+    assert run(second) == expected and runner.trace_count == 0
 
 
 def test_prefetch_runs_loads_in_order_and_drops_the_queued_ones_when_stopped():
@@ -198,18 +200,15 @@ def test_programs_answered_by_jax_persistent_cache_are_stored_whole(small_model)
     """A new engine version whose programs did not change: the store misses, JAX's cache answers every
     program, and the store is filled from that cache's entries (an executable loaded from JAX's cache
     serializes incomplete on XLA:CPU and fails at run time), so the next engine traces nothing."""
-    folder, cache = small_model
-    prompts, params = [[5, 6, 7], [8, 9]], SamplingParams(max_new_tokens=4, temperature=0.9, seed=3)
-    first = _small_engine(folder, cache)
-    first.warmup()  # stored by the tests above, or now
-    expected = [c.token_ids for c in first.generate(prompts, params)]
+    first, run = _stored_run(*small_model, seed=3)  # stored by the tests above, or now
+    expected = run(first)
     stored = first.runner._decode.store.folder
     shutil.rmtree(stored)
     jax.clear_caches()  # as in a new process: JAX holds none of these executables in memory
-    again = _small_engine(folder, cache)
+    again = _small_engine(*small_model)
     assert set(again.warmup().values()) != {0.0}  # lowered, answered by JAX's cache
     assert again.runner.trace_count > 0
     assert len([f for f in os.listdir(stored) if f.endswith(".bin")]) == again.num_programs
-    third = _small_engine(folder, cache)
+    third = _small_engine(*small_model)
     assert set(third.warmup().values()) == {0.0} and third.runner.trace_count == 0
-    assert [c.token_ids for c in third.generate(prompts, params)] == expected
+    assert run(third) == expected
