@@ -29,10 +29,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from engine.compile_cache import enable_compilation_cache
 from engine.config import EngineConfig, GPT2Config, preset
 from engine.kv_cache import block_size
-from engine.compile_cache import enable_compilation_cache
-from engine.requests import Completion, RequestError, RequestFactory, TokenLogprob, attach_rows, completion_of
+from engine.requests import (Completion, RequestError, RequestFactory, TokenLogprob, as_prompt_list, attach_rows,
+                             completion_of)
 from engine.runner import Runner
 from engine.sampling import SamplingParams, broadcast_params
 from engine.scheduler import Request, Scheduler, SchedulerConfig, Update
@@ -205,20 +206,6 @@ def _locate(model, load_format: str) -> tuple[hf.Path | None, GPT2Config, str]:
         raise hf.CheckpointError(f"{folder}: no {checkpoint.ORBAX_DIR}/ folder; write one with "
                                  f"`python -m weights.convert MODEL {folder}`")
     return folder, cfg, load_format
-
-
-def as_prompt_list(prompts) -> list:
-    """One prompt (text or token ids) or a list of them -> a non-empty list of prompts."""
-    if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and _is_token(prompts[0])):
-        return [prompts]
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("prompts: expected at least one prompt")
-    return prompts
-
-
-def _is_token(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
 def _load_tokenizer(tokenizer, folder, cfg: GPT2Config) -> Tokenizer | None:

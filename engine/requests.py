@@ -140,3 +140,17 @@ def completion_of(req: Request, tokenizer: Tokenizer | None) -> Completion:
     return Completion(text=text, token_ids=list(req.output_token_ids), prompt_token_ids=list(req.prompt_token_ids),
                       finish_reason=req.finish_reason, logprobs=logprobs, index=index, request_id=req.request_id,
                       error=req.error, prompt_logprobs=req.prompt_logprobs)
+
+
+def as_prompt_list(prompts) -> list:
+    """One prompt (text or token ids) or a list of them -> a non-empty list of prompts."""
+    if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and _is_token(prompts[0])):
+        return [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("prompts: expected at least one prompt")
+    return prompts
+
+
+def _is_token(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)

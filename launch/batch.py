@@ -114,8 +114,7 @@ def load_logged(args: argparse.Namespace, options: dict) -> Engine:
     return engine
 
 
-def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Stats:
-    engine_kwargs, options = configs(args, parser)
+def run(args: argparse.Namespace, engine_kwargs: dict, options: JobOptions) -> Stats:
     source = open_input(args.input)
     output = args.output or default_output(args.input)
     writer = distributed.output_writer(output, resume=args.resume, overwrite=args.overwrite)  # process 0 writes
@@ -139,9 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     for name in ("launch", "engine"):  # engine: programs compiled or loaded on first use, with their seconds
         logging.getLogger(name).setLevel(args.log_level)
+    engine_kwargs, options = configs(args, parser)  # a bad flag fails before JAX starts
     try:
         distributed.initialize(args)
-        run(args, parser)
+        run(args, engine_kwargs, options)
     except (JobError, EngineLoadError) as e:
         log.error("%s", e)
         return 1

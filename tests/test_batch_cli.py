@@ -294,6 +294,17 @@ def test_bad_flag_is_a_usage_error(tmp_path, batch_env):
     assert proc.returncode == 2 and "--max-buffered-bytes" in proc.stderr and "64M or 1G" in proc.stderr
 
 
+@pytest.mark.parametrize("cli, argv", [("launch.batch", ["in.jsonl", "--top-p", "2"]),
+                                       ("launch.serve", ["--model", "m", "--max-waiting", "-1"])])
+def test_a_bad_flag_fails_before_jax_is_imported(cli, argv, batch_env):
+    """Flag checks need no JAX (its import alone takes seconds): a typo is answered at once."""
+    script = (f"import sys\nfrom {cli} import main\ntry:\n    main({argv!r})\n"
+              "except SystemExit as e:\n    print(e.code, 'jax' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=batch_env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.stdout.split() == ["2", "False"], proc.stderr
+
+
 def test_dummy_gpt2_uses_the_packaged_tokenizer(tmp_path, batch_env):
     lines = [{"id": "ids", "prompt_token_ids": [464, 2068, 7586, 21831], "temperature": 0},
              {"id": "text", "prompt": "no tokenizer files anywhere"},
