@@ -1,7 +1,8 @@
 """`AsyncEngine`: the `Engine` behind an asyncio API, for servers that embed it.
 
 One background thread (the engine thread) owns the `Engine`: after construction no other thread calls
-into it, its scheduler or JAX. Callers on any thread or event loop talk to it through a thread-safe
+into it, its scheduler or JAX (except the program loaders of `engine.programs.Prefetch`, which only load
+stored executables and hand them over under a lock). Callers on any thread or event loop talk to it through a thread-safe
 command queue (add / abort / shutdown). The engine thread's loop: drain the queued commands, run
 `engine.step()` while the scheduler has work, otherwise block on the queue. Each step's text deltas go
 back to the submitting event loop with `loop.call_soon_threadsafe`, into that request's asyncio.Queue.

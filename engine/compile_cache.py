@@ -27,6 +27,8 @@ _COMPILE = threading.local()  # what JAX reported in this thread during the curr
 def _on_jax_event(event: str, *_, **__) -> None:
     if event == "/jax/core/compile/backend_compile_duration":
         _COMPILE.backend = True
+    elif event == "/jax/compilation_cache/cache_hits":
+        _COMPILE.cache_hit = True
 
 
 jax.monitoring.register_event_listener(_on_jax_event)
@@ -42,10 +44,10 @@ try:
     _read_entry = _jax_cache.get_executable_and_time
 
     def _recording_read(cache_key: str, *args, **kwargs):
-        exe, seconds = _read_entry(cache_key, *args, **kwargs)
-        if exe is not None:
+        result = _read_entry(cache_key, *args, **kwargs)  # returned as it is, whatever its shape
+        if isinstance(result, tuple) and result and result[0] is not None:
             _COMPILE.cache_key = cache_key
-        return exe, seconds
+        return result
 
     _jax_cache.get_executable_and_time = _recording_read
 except (ImportError, AttributeError) as e:  # pragma: no cover - another JAX version
@@ -83,6 +85,9 @@ def serialize_built(built: Built) -> tuple[bytes, object, object]:
     compiled, code = built.compiled, built.code
     if code is None:
         return serialize(compiled)
+    unloaded = compiled._executable._unloaded_executable  # `serialize`'s own refusals, checked the same way
+    if compiled._params.const_args or (getattr(unloaded, "mut", None) and unloaded.mut.in_mut):
+        raise ValueError("this executable closes over constants or mutable arrays: not serializable")
 
     class Pickler(_JaxPjrtPickler):
         def persistent_id(self, obj):
@@ -92,18 +97,18 @@ def serialize_built(built: Built) -> tuple[bytes, object, object]:
 
     args_info, in_tree = jax.tree_util.tree_flatten(compiled.args_info)
     with io.BytesIO() as f:
-        Pickler(f).dump((compiled._executable._unloaded_executable, args_info, compiled._no_kwargs))
+        Pickler(f).dump((unloaded, args_info, compiled._no_kwargs))
         return f.getvalue(), in_tree, compiled.out_tree
 
 
 def compile_fresh(lowered: jax.stages.Lowered) -> Built:
     """`lowered.compile()`, and whether XLA compiled it just now or JAX's persistent cache answered (with
     that entry's bytes, when readable)."""
-    _COMPILE.backend, _COMPILE.cache_key = False, None
+    _COMPILE.backend, _COMPILE.cache_hit, _COMPILE.cache_key = False, False, None
     compiled = lowered.compile()
-    key = _COMPILE.cache_key
+    key, hit = _COMPILE.cache_key, _COMPILE.cache_hit or _COMPILE.cache_key is not None
     code = _cached_code(key, compiled.runtime_executable().client) if key and _jax_cache else None
-    return Built(compiled, _COMPILE.backend and key is None, code)
+    return Built(compiled, _COMPILE.backend and not hit, code)
 
 
 def enable_compilation_cache(path: str | os.PathLike | None = None) -> str | None:

@@ -21,6 +21,7 @@ This is the one engine module that imports `weights`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -126,13 +127,22 @@ class Engine:
         return self.runner.warmup(sc.prefill_buckets, sc.decode_windows, sc.decode_slot_counts, score=score,
                                   extend=self._extend_buckets(), background=background)
 
+    @functools.cached_property
+    def _warmup_programs(self) -> list:
+        sc = self.scheduler.config
+        return [(p, k) for p, k, _ in self.runner.programs(sc.prefill_buckets, sc.decode_windows,
+                                                            sc.decode_slot_counts, extend=self._extend_buckets())]
+
     @property
     def num_programs(self) -> int:
         """How many programs `warmup` compiles for this configuration (prefill + decode + block copy + row
         move, and with prefix caching extend)."""
-        sc = self.scheduler.config
-        return len(self.runner.programs(sc.prefill_buckets, sc.decode_windows, sc.decode_slot_counts,
-                                        extend=self._extend_buckets()))
+        return len(self._warmup_programs)
+
+    @property
+    def programs_ready(self) -> int:
+        """How many of those are in memory now (a background warm-up loads them one after another)."""
+        return sum(key in program for program, key in self._warmup_programs)
 
     def score(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
               top_n: int = 0) -> list[list[TokenLogprob | None]]:

@@ -13,7 +13,7 @@ the same fingerprint loads it back without tracing or lowering anything (JAX's c
 as its key, and tracing alone takes tens of seconds for the default engine's programs); `compile_all` loads
 in a thread pool too. A program JAX's cache answered is stored with that cache entry's machine code, so a new
 engine version whose programs did not change fills its store on its first start, compiling nothing.
-`Program.prefetch` starts loading a stored program in the background (`Prefetch`: one thread) before it is
+`Program.prefetch` starts loading a stored program in the background (`Prefetch`: half the cores) before it is
 needed; whoever needs it first takes it over, or waits for it when its load is under way.
 
 Invariant: a key names exactly one shape of the non-static arguments; the caller never passes two shapes
@@ -158,7 +158,7 @@ class Prefetch:
             for _ in threads:
                 self._queue.put(None)
         for thread in threads:
-            thread.join()
+            thread.join(60)  # a load stuck on a dead disk must not hold the exit for ever
 
 
 PREFETCH = Prefetch(max(1, (os.cpu_count() or 2) // 2))
@@ -171,6 +171,7 @@ class Program:
         self._jit = jax.jit(fn, static_argnums=static_argnums, **jit_options)
         self._compiled: dict[Hashable, jax.stages.Compiled] = {}
         self._pending: dict[Hashable, concurrent.futures.Future] = {}  # background loads (`prefetch`)
+        self._lock = threading.Lock()  # guards the two dicts' hand-over between loading threads
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._compiled
@@ -181,36 +182,45 @@ class Program:
     def lower(self, *args) -> jax.stages.Lowered:
         return self._jit.lower(*args)
 
-    def stored(self, key: Hashable) -> bool:
-        """Whether `key` is held, loading or in the store (so it needs no compiling)."""
+    def needs_no_compile(self, key: Hashable) -> bool:
+        """Whether `key` is held, loading or in the store (a stored file that then fails to load is
+        compiled on first use, logged)."""
         return key in self._compiled or key in self._pending or (
             self.store is not None and self.store.has(self.name, key))
 
     def prefetch(self, key: Hashable) -> None:
         """Start loading `key` from the store in the background (`PREFETCH`), if the store has it."""
-        if key not in self._compiled and key not in self._pending and self.store is not None \
-                and self.store.has(self.name, key):
-            self._pending[key] = PREFETCH.submit(functools.partial(self._fetch, key))
+        with self._lock:  # registered before the load can finish (`_fetch` removes it under this lock)
+            if key not in self._compiled and key not in self._pending and self.store is not None \
+                    and self.store.has(self.name, key):
+                self._pending[key] = PREFETCH.submit(functools.partial(self._fetch, key))
 
     def _fetch(self, key: Hashable) -> jax.stages.Compiled | None:
         exe = self.store.load(self.name, key)
-        if exe is not None:
-            self._compiled.setdefault(key, exe)
-        self._pending.pop(key, None)
+        with self._lock:
+            if exe is not None:
+                self._compiled.setdefault(key, exe)
+            self._pending.pop(key, None)
         return exe
 
     def load(self, key: Hashable) -> bool:
-        """Take `key`'s executable from the store, if it has it (a background load of it not yet started
-        is done here instead; one under way is waited for)."""
-        if key in self._compiled:  # a background load just finished
-            return True
-        pending = self._pending.pop(key, None)
-        if pending is not None and not pending.cancel():
+        """Take `key`'s executable from the store, if it has it: a background load of it not started yet
+        is done here instead, one under way is waited for (it stays registered until it ends, so nobody
+        starts another)."""
+        with self._lock:
+            if key in self._compiled:  # a background load finished
+                return True
+            pending = self._pending.get(key)
+            if pending is not None and pending.cancel():
+                del self._pending[key]
+                pending = None
+        if pending is not None:
             exe = pending.result()
         else:
             exe = self.store.load(self.name, key) if self.store is not None else None
         if exe is not None:
-            self._compiled[key] = exe
+            with self._lock:
+                self._compiled.setdefault(key, exe)
         return exe is not None
 
     def compile(self, key: Hashable, lowered: jax.stages.Lowered) -> None:

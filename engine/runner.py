@@ -8,16 +8,16 @@ Programs (a fixed set, all compiled by `warmup`):
       positions [0, W) (whole KV blocks; each slot group only to the blocks its live slots reach, a
       per-call input); slot groups past N are left out and put back untouched, and a group N covers
       only in part (N below a group's size: `EngineConfig.decode_widths`) has its first rows sliced out and back;
-  move: copies every per-slot row (KV cache included) from one slot to another, for the scheduler's
-      compaction of live requests into low slots (so N follows the number of live requests); one program
-      for every pair of slots (the slot indices are inputs).
+  move: copies every per-slot row but the K/V from one slot to another (`Runner.move` runs the copy below
+      for the K/V first), for the scheduler's compaction of live requests into low slots (so N follows the
+      number of live requests); one program for every pair of slots (the slot indices are inputs).
   extend(bucket T) (prefix caching only): prompts resumed after their cached blocks. Row i is slot i (as in
       decode), holding up to T of its prompt's remaining tokens, which attend to the slot's cache blocks in
       place (the model's windowed path with T tokens per row; `engine.extend`); first tokens sampled and
       per-slot state set as in prefill. One program per extend bucket, all slots, the whole context;
   copy: up to S - 1 destination slots each take their first blocks from one source slot (traced source,
       destinations and block counts: one program), cache only, for prefix-cache hits and n > 1 forks (all
-      forks of a prompt in one call);
+      forks of a prompt in one call) and for a move's K/V (every configuration has it);
   score-prefill(bucket T, rows B): the same prefill, also scoring every packed prompt token (the LM head of
       all B*T tokens, chunk by chunk, log-softmaxed, gathered at each token's next token in its prompt, plus
       the top-N: `engine.scoring`). A separate program, used only for calls holding a `prompt_logprobs`
@@ -345,11 +345,12 @@ class Runner:
         programs = self.programs(buckets, windows, widths, score, extend)
         if not background:
             return compile_all(programs)
-        stored = [(p, k) for p, k, _ in programs if p.stored(k)]
-        seconds = compile_all([r for r in programs if not r[0].stored(r[1])])
-        for program, key in stored:
-            program.prefetch(key)
-            seconds.setdefault(program.name, 0.0)
+        ready = [r[0].needs_no_compile(r[1]) for r in programs]
+        seconds = compile_all([r for r, stored in zip(programs, ready) if not stored])
+        for (program, key, _), stored in zip(programs, ready):
+            if stored:
+                program.prefetch(key)
+                seconds.setdefault(program.name, 0.0)
         return seconds
 
     @property

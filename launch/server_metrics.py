@@ -21,14 +21,14 @@ class _EngineCollector:
     """Scrape-time gauges and counters from the engine's own statistics."""
 
     def __init__(self, engine: AsyncEngine):
-        self.engine, self.programs = engine, engine.engine.num_programs
+        self.engine = engine
 
     def collect(self):
         s = self.engine.stats()
-        yield _gauge("engine_programs_ready", "Compiled programs held in memory (warm-up loads in the background)",
-                     self.engine.engine.runner.num_compiled)
-        yield _gauge("engine_programs_total", "Programs of the engine's configuration (Engine.num_programs)",
-                     self.programs)
+        yield _gauge("engine_programs_ready", "Warm-up programs in memory (stored ones load after the port opens)",
+                     self.engine.engine.programs_ready)
+        yield _gauge("engine_programs_total", "Warm-up programs of the engine's configuration (Engine.num_programs)",
+                     self.engine.engine.num_programs)
         yield _gauge("engine_queue_depth", "Requests waiting for a slot", s.waiting)
         yield _gauge("engine_slots_used", "Cache slots holding a live request", s.live_slots)
         yield _gauge("engine_slots_total", "Cache slots of the engine (max_slots)", s.max_slots)

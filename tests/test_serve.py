@@ -131,6 +131,12 @@ def test_openai_client_completion_seed_and_stream(served):
     assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
 
 
+def test_every_warmup_program_gets_into_memory_and_metrics_count_them(served):
+    """The server opens its port once nothing is left to compile; stored programs load after it."""
+    wait_until(lambda: (m := served.metrics())["engine_programs_ready"] == m["engine_programs_total"], 120)
+    assert served.metrics()["engine_programs_total"] >= 5  # prefill, 2 decode widths, copy, move at least
+
+
 def test_openai_client_n_and_prompt_lists(served):
     before = served.metrics()
     out = served.client.completions.create(model=served.model, prompt=["One", "Two three"], n=3, max_tokens=4,
