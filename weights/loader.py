@@ -159,7 +159,7 @@ def load_safetensors(files: list[Path], cfg: GPT2Config, dtype, sharding_fn: Sha
         sharding = sharding_fn(name, shape) if sharding_fn else default
 
         def callback(index):
-            return _read_param(src, name, shape, index, cfg).astype(jnp.dtype(dtype))
+            return _read_param(src, name, shape, index, cfg).astype(jnp.dtype(dtype), copy=False)
 
         return jax.make_array_from_callback(shape, sharding, callback)
 
