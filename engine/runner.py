@@ -284,11 +284,23 @@ class Runner:
         [k, width, N]). `reach` [S] (host ints, optional): the cache positions each slot reads up to in
         this call (0 for a free slot); each slot group then reads only the blocks its slots reach."""
         width = width or self.ecfg.max_slots
+        if (window, width) not in self._decode:
+            self._compile_decode_family(window, width)
         blocks = self.state.cache.group_blocks(width, window, reach)
         live = np.ones(width, bool) if reach is None else np.asarray(reach[:width]) > 0
         self.state, out = self._decode((window, width), self.params, self.state, window, width,
                                        np.asarray(blocks, np.int32), live)
         return out
+
+    def _compile_decode_family(self, window: int, width: int) -> None:
+        """A decode program met before it is compiled or loaded (a lazy start, e.g. a batch job): compile
+        it together with the narrower decode widths and, past width 1, the copy and move programs, in
+        parallel (`compile_all`; stored ones load): a job that decodes `width` slots needs those soon (its
+        width falls as requests end, compaction moves rows), and one by one they would compile in turn."""
+        data = self.mesh.shape["data"]
+        widths = [w for w in self.ecfg.decode_widths(data, self.ecfg.max_slots // self.groups) if w <= width]
+        family = self.programs((), (window,), tuple(widths) or (width,))
+        compile_all([r for r in family if r[0] is self._decode or width > 1])
 
     def move(self, moves: list[tuple[int, int]]) -> None:
         """Copy every per-slot row (KV cache included) from src to dst slot, for each (src, dst) in order:

@@ -159,6 +159,15 @@ def test_a_background_warmup_compiles_what_the_store_lacks_and_loads_the_rest_be
     assert run(second) == expected and runner.trace_count == 0
 
 
+def test_a_lazy_engine_compiles_a_decode_program_with_its_narrower_widths_copy_and_move(small_model):
+    engine = _small_engine(*small_model, decode_steps=5)  # a configuration nothing stored yet
+    runner = engine.runner
+    assert not runner._decode._pending and len(runner._decode) == 0
+    out = engine.generate([[5, 6, 7], [8, 9, 10]], SamplingParams(max_new_tokens=3))
+    assert [len(c.token_ids) for c in out] == [3, 3]  # both slots to the end: only width 2 ever ran
+    assert set(runner._decode._compiled) == {(16, 2), (16, 1)} and () in runner._copy and () in runner._move
+
+
 def test_prefetch_runs_loads_in_order_and_drops_the_queued_ones_when_stopped():
     prefetch, started, gate = Prefetch(), [], threading.Event()
 
