@@ -7,11 +7,14 @@ The loop: `launch/batch_job.py`; files and --resume: `launch/batch_io.py`.
 
 Exit status: 0 when every line got an output line (bad lines get error lines); 1 for a job-level failure
 (input unreadable, output not writable, model not loadable), with one message on stderr; 2 for bad flags.
+A finished job exits without the interpreter's teardown (`exit_now`).
 """
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
+import os
 import sys
 import time
 from typing import TYPE_CHECKING
@@ -156,5 +159,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def exit_now(code: int) -> None:
+    """End the process with `code` after the job (its files are closed by then): run the exit handlers
+    (JAX's included), flush the standard streams, then skip the interpreter's teardown, which frees the
+    KV cache and every loaded program's code object by object: 1.5-2 s of a gpt2 job on the 2-core VM."""
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more can reach it
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -305,6 +305,18 @@ def test_a_bad_flag_fails_before_jax_is_imported(cli, argv, batch_env):
     assert proc.stdout.split() == ["2", "False"], proc.stderr
 
 
+def test_the_cli_exits_with_its_code_after_the_exit_handlers_and_with_its_output_flushed(tmp_path, batch_env):
+    """`exit_now` skips the interpreter's teardown, not the exit handlers or buffered output."""
+    marker = tmp_path / "handler-ran"
+    script = (f"import atexit, pathlib, sys\nfrom launch.batch import exit_now\n"
+              f"atexit.register(pathlib.Path({str(marker)!r}).write_text, 'yes')\n"
+              "sys.stdout.write('buffered, no newline')\nsys.stderr.write('err')\nexit_now(3)\nprint('never')")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=batch_env, capture_output=True, text=True,
+                          timeout=120)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (3, "buffered, no newline", "err")
+    assert marker.read_text() == "yes"
+
+
 def test_dummy_gpt2_uses_the_packaged_tokenizer(tmp_path, batch_env):
     lines = [{"id": "ids", "prompt_token_ids": [464, 2068, 7586, 21831], "temperature": 0},
              {"id": "text", "prompt": "no tokenizer files anywhere"},
