@@ -16,7 +16,6 @@ Prints a table, then one JSON line.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -26,6 +25,7 @@ import jax.numpy as jnp
 from jax.experimental.serialize_executable import serialize
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import emit  # noqa: E402
 from benchmarks.throughput import environment  # noqa: E402
 
 BLOCKS, HEADS, POSITIONS, HEAD_DIM = 64, 12, 128, 64
@@ -87,10 +87,7 @@ def main(argv=None) -> None:
         print(f"{name:22s} {r['compile_s']:9.2f} {r['objects']:8d} {r['mb']:6.2f} {r['run_ms']:8.2f} "
               f"{r['run_ms'] / base:7.2f}", file=sys.stderr)
     out = {"benchmark": "attention_kernels", "blocks": BLOCKS, "results": results, "environment": environment()}
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(out, f, indent=1)
-    print(json.dumps(out))
+    emit(out, args.json_out)
 
 
 if __name__ == "__main__":

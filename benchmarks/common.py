@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 
 import numpy as np
@@ -121,3 +122,11 @@ def workload_flops(cfg, wl: Workload) -> float:
         total += sum(token_flops(cfg, i + 1, lm_head=i == p - 1) for i in range(p))
         total += sum(token_flops(cfg, p + j + 1, lm_head=True) for j in range(o - 1))
     return total
+
+
+def emit(result: dict, json_out: str | None) -> None:
+    """The benchmark's one JSON line on stdout (last), and the same object in `json_out` when given."""
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(result, f, indent=1)
+    print(json.dumps(result))

@@ -13,7 +13,6 @@ Prints a table, then one JSON line.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -22,6 +21,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import engine.kv_cache as kv_cache  # noqa: E402
+from benchmarks.common import emit  # noqa: E402
 from benchmarks.throughput import environment  # noqa: E402
 
 SPREAD = sorted(np.linspace(100, 900, 16).astype(int).tolist(), reverse=True)  # longest first, as admitted
@@ -84,10 +84,7 @@ def main(argv=None) -> None:
     for name, row in decode.items():
         print(f"{name:24s} {row[4]:9d} {row[1]:9d} {row[1] / row[4]:6.2f}", file=sys.stderr)
     out = {"benchmark": "slot_groups_ab", "programs": costs, "decode_ms": decode, "environment": environment()}
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(out, f, indent=1)
-    print(json.dumps(out))
+    emit(out, args.json_out)
 
 
 if __name__ == "__main__":
