@@ -1,6 +1,6 @@
 """The compiled programs and the on-device decode state they carry.
 
-Programs (a fixed set, all compiled by `warmup`):
+Programs (a fixed set, all compiled by `warmup`; `engine.program_set` lists them and gets them into memory):
   prefill(bucket T, rows B): the forward of up to P prompts packed end to end into B rows of T tokens
       (attention stays inside each prompt), their K/V scattered into their slots, the per-slot sampling
       state set, and each prompt's first token sampled, in one call;
@@ -48,10 +48,11 @@ from jax.sharding import PartitionSpec
 from engine.config import EngineConfig, GPT2Config
 from engine.device_state import (DecodeState, PrefillRows, Sampled, dummy_rows, mark_seen, move_row, neutral_params,
                                  prefill_key, sample_step, state_axes, store_first)
-from engine.extend import ExtendRows, dummy_extend_rows
+from engine.extend import ExtendRows
 from engine.kv_cache import KVCache, Runs, slot_groups
 from engine.processors import uses_penalties
-from engine.programs import ExecutableStore, Program, compile_all, fingerprint
+from engine.program_set import ProgramSet, copy_targets
+from engine.programs import ExecutableStore, Program, fingerprint
 from engine.sampling import MAX_LOGPROBS, MinTokensBan, SlotParams
 from engine.scoring import Scored, score_packed
 from engine.sharding import make_mesh, manual_specs, named_sharding, per_shard, replicated, tree_shardings
@@ -63,7 +64,7 @@ _DATA, _WHOLE, _DATA_DIM1 = PartitionSpec("data"), PartitionSpec(), PartitionSpe
 _DATA_AXIS = frozenset({"data"})
 
 
-class Runner:
+class Runner(ProgramSet):
     """Owns the model state and the decode state; runs the compiled programs."""
 
     def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, cfg: GPT2Config, ecfg: EngineConfig,
@@ -292,16 +293,6 @@ class Runner:
                                        np.asarray(blocks, np.int32), live)
         return out
 
-    def _compile_decode_family(self, window: int, width: int) -> None:
-        """A decode program met before it is compiled or loaded (a lazy start, e.g. a batch job): compile
-        it together with the narrower decode widths and, past width 1, the copy and move programs, in
-        parallel (`compile_all`; stored ones load): a job that decodes `width` slots needs those soon (its
-        width falls as requests end, compaction moves rows), and one by one they would compile in turn."""
-        data = self.mesh.shape["data"]
-        widths = [w for w in self.ecfg.decode_widths(data, self.ecfg.max_slots // self.groups) if w <= width]
-        family = self.programs((), (window,), tuple(widths) or (width,))
-        compile_all([r for r in family if r[0] is self._decode or width > 1])
-
     def move(self, moves: list[tuple[int, int]]) -> None:
         """Copy every per-slot row (KV cache included) from src to dst slot, for each (src, dst) in order:
         the K/V blocks by the block copy, the other rows by the move program; one program each for every
@@ -310,71 +301,3 @@ class Runner:
             if src != dst:
                 self.copy([(src, dst, self.state.cache.blocks)])
                 self.state = self._move((), self.state, np.int32(src), np.int32(dst))
-
-    def programs(self, buckets: tuple[int, ...], windows: tuple[int, ...], widths: tuple[int, ...] = (),
-                 score: bool = False, extend: tuple[int, ...] | None = None) -> list:
-        """(program, key, example args) of every program the engine can run: each (window, width) decode,
-        with `extend` (prefix reuse on: its suffix buckets) each extend, the block copy and the row move
-        (a slot's move is both), and each
-        (bucket, rows) prefill (with `score`, its scoring variant too). Slowest to compile first (decode,
-        extend, then the larger shapes), so a parallel `compile_all` ends on short programs."""
-        out = []
-        for window in sorted(windows, reverse=True):
-            for width in sorted(widths or (self.ecfg.max_slots,), reverse=True):
-                blocks = np.asarray(self.state.cache.group_blocks(width, window), np.int32)
-                args = (self.params, self.state, window, width, blocks, np.ones(width, bool))
-                out.append((self._decode, (window, width), args))
-        for bucket in sorted(extend or (), reverse=True):
-            rows = dummy_extend_rows(self.ecfg.max_slots, bucket, self.max_len, self.ban)
-            blocks = np.zeros(len(self.state.cache.group_sizes), np.int32)
-            out.append((self._extend, bucket, (self.params, self.state, rows, blocks)))
-        out.append((self._copy, (), (self.state.cache, np.int32(0), *copy_targets([], self.ecfg.max_slots))))
-        out.append((self._move, (), (self.state, np.int32(0), np.int32(0))))
-        data = self.mesh.shape["data"]
-        for bucket in sorted(buckets, reverse=True):
-            for size in sorted(self.ecfg.prefill_batch_sizes(bucket, data), reverse=True):
-                rows = dummy_rows(size, bucket, self.ecfg.prefill_prompts(bucket, size, data), self.ecfg.max_slots,
-                                  self.ban.words)
-                out.append((self._prefill, prefill_key(rows), (self.params, self.state, rows)))
-                if score:
-                    out.append((self._score_prefill, prefill_key(rows), (self.params, self.state, rows, np.int32(0))))
-        return out
-
-    def prefetch(self, windows: tuple[int, ...], widths: tuple[int, ...], extend: tuple[int, ...] | None) -> None:
-        """Start loading the stored decode, extend, copy and move programs in the background, in that order
-        (`Program.prefetch`): every job needs some of them right after its first prefill, and a lazy
-        start would load each one then; prefill programs (one per bucket x rows, a job meets a few) load
-        on first use."""
-        for program, key, _ in self.programs((), windows, widths, extend=extend):
-            program.prefetch(key)
-
-    def warmup(self, buckets: tuple[int, ...], windows: tuple[int, ...], widths: tuple[int, ...] = (),
-               score: bool = False, extend: tuple[int, ...] | None = None, background: bool = False) -> dict:
-        """Compile every program (in parallel; none runs): afterwards no prompt length, slot count or
-        parameter mix compiles again. With `background`, the stored ones only start loading (in the
-        programs' order, `Program.prefetch`) and the rest compile now. Returns the compile seconds per
-        program class (loads count as 0)."""
-        programs = self.programs(buckets, windows, widths, score, extend)
-        if not background:
-            return compile_all(programs)
-        ready = [r[0].needs_no_compile(r[1]) for r in programs]
-        seconds = compile_all([r for r, stored in zip(programs, ready) if not stored])
-        for (program, key, _), stored in zip(programs, ready):
-            if stored:
-                program.prefetch(key)
-                seconds.setdefault(program.name, 0.0)
-        return seconds
-
-    @property
-    def num_compiled(self) -> int:
-        programs = (self._prefill, self._score_prefill, self._decode, self._move, self._extend, self._copy)
-        return sum(len(p) for p in programs)
-
-
-def copy_targets(targets: list[tuple[int, int]], num_slots: int) -> tuple[np.ndarray, np.ndarray, np.int32]:
-    """The copy program's (dsts i32[S], counts i32[S], n) for (dst slot, blocks) pairs: padded to the
-    slot count (a source has at most S - 1 destinations), so one program serves any number of them."""
-    dsts, counts = np.full(num_slots, num_slots, np.int32), np.zeros(num_slots, np.int32)
-    for i, (dst, count) in enumerate(targets):
-        dsts[i], counts[i] = dst, count
-    return dsts, counts, np.int32(len(targets))

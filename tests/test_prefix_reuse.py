@@ -12,7 +12,7 @@ from engine import Engine, SamplingParams
 from engine.config import GPT2Config
 from engine.kv_cache import KVCache, Runs
 from engine.requests import derive_seed
-from engine.runner import copy_targets
+from engine.program_set import copy_targets
 from engine.sharding import make_mesh
 from tests.checkpoints import make_tiny_checkpoint
 from tests.test_sharding import assert_same_logprobs
