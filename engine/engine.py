@@ -109,7 +109,7 @@ class Engine:
                              for b in buckets}, prefill_shards=data,
             prefill_attention_cost=1 / (6 * self.config.n_embd),
             decode_windows=ecfg.decode_windows(),
-            decode_slot_counts=ecfg.decode_widths(data, ecfg.max_slots // self.runner.groups),
+            decode_slot_counts=self.runner.decode_widths,
             eos_token_id=self.config.eos_token_id, prefix_caching=ecfg.enable_prefix_caching,
             block=block_size(self.max_seq_len), extend_buckets=ecfg.extend_buckets(block_size(self.max_seq_len)) or (),
             prefix_cache_max_blocks=ecfg.prefix_cache_max_blocks)

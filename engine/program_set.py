@@ -77,10 +77,14 @@ class ProgramSet:
         it together with the narrower decode widths and, past width 1, the copy and move programs, in
         parallel (`compile_all`; stored ones load): a job that decodes `width` slots needs those soon (its
         width falls as requests end, compaction moves rows), and one by one they would compile in turn."""
-        data = self.mesh.shape["data"]
-        widths = [w for w in self.ecfg.decode_widths(data, self.ecfg.max_slots // self.groups) if w <= width]
+        widths = [w for w in self.decode_widths if w <= width]
         family = self.programs((), (window,), tuple(widths) or (width,))
         compile_all([r for r in family if r[0] is self._decode or width > 1])
+
+    @property
+    def decode_widths(self) -> tuple[int, ...]:
+        """The decode widths this runner compiles (`EngineConfig.decode_widths` for its slot groups)."""
+        return self.ecfg.decode_widths(self.mesh.shape["data"], self.ecfg.max_slots // self.groups)
 
     @property
     def num_compiled(self) -> int:
