@@ -1,13 +1,12 @@
 """What the KV cache's slot groups cost at start-up and buy in decode: the default 16-slot engine with 4
-groups (`engine.kv_cache.GROUPS`) against 1, in one process (calls alternate, so load hits both alike).
+groups (the default) against 1 (`kv_slot_groups=1`), in one process (calls alternate, so load hits both alike).
 
     python benchmarks/slot_groups_ab.py [--calls 6] [--json-out F]
 
 gpt2 dummy weights, 16 slots, 1024 positions, 8 decode steps per call. Per engine: for the 16-wide decode,
 the block copy and the 128-token extend, the compile seconds, machine-code objects (3 code mappings each),
 serialized MB and `deserialize_and_load` seconds; then the median decode call (ms) for live slots of equal
-and of mixed lengths and at widths 4 and 1. Every program is compiled here (no compile cache: the group
-count is patched in this process, so a stored program of the other count would carry the same fingerprint).
+and of mixed lengths and at widths 4 and 1. Every program is compiled here (no compile cache).
 Prints a table, then one JSON line.
 """
 from __future__ import annotations
@@ -20,7 +19,6 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import engine.kv_cache as kv_cache  # noqa: E402
 from benchmarks.common import emit  # noqa: E402
 from benchmarks.throughput import environment  # noqa: E402
 
@@ -58,9 +56,8 @@ def main(argv=None) -> None:
 
     engines, costs = {}, {}
     for groups in (4, 1):
-        kv_cache.GROUPS = groups
         engine = Engine.from_pretrained("gpt2", load_format="dummy", max_slots=16, max_seq_len=1024,
-                                        compile_cache=False)
+                                        kv_slot_groups=groups, compile_cache=False)
         assert engine.runner.groups == groups
         engines[groups], costs[groups] = engine, program_costs(engine)
     decode = {}

@@ -1,6 +1,6 @@
 """Start-up: how long until the engine serves, with an empty and with a warm compile cache.
 
-    python benchmarks/startup.py [--skip-xl] [--skip-batch] [--modes loop,scan] [--json-out startup.json]
+    python benchmarks/startup.py [--skip-xl] [--skip-batch] [--modes loop,scan,one-group] [--json-out startup.json]
 
 Each figure is a fresh process (`python -m launch.serve` or `python -m launch.batch`) timed from spawn:
 - serve gpt2 (a random 124M safetensors checkpoint), default engine: until `/health` answers 200, every
@@ -12,8 +12,8 @@ Each figure is a fresh process (`python -m launch.serve` or `python -m launch.ba
 - serve gpt2-xl (`--load-format dummy`), cold: compile time should barely grow with depth;
 - `launch.batch examples/prompts.jsonl` with the gpt2 checkpoint, process start to exit, cold and warm;
 - `init_dummy` of gpt2 in this process.
-`--modes` picks the layer modes measured: `loop` (the default engine) and/or `scan` (`--scan-layers`); rows
-of the scan mode are marked `[scan]`.
+`--modes` picks the engines measured: `loop` (the default engine), `scan` (`--scan-layers`) and/or
+`one-group` (`--kv-slot-groups 1`); rows of the last two are marked `[scan]` / `[1 group]`.
 The peak `/proc/PID/maps` line count of each child is sampled every 0.2 s (the kernel's default
 vm.max_map_count is 65,530). Prints a table, then one JSON line.
 """
@@ -160,11 +160,16 @@ def _tokenizer_dir() -> Path | None:
     return None
 
 
+# --modes: the engine flags of each mode, and the tag of its rows
+MODES = {"loop": ([], ""), "scan": (["--scan-layers"], " [scan]"), "one-group": (["--kv-slot-groups", "1"], " [1 group]")}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--skip-xl", action="store_true")
     p.add_argument("--skip-batch", action="store_true")
-    p.add_argument("--modes", default="loop", help="comma-separated layer modes: loop, scan")
+    p.add_argument("--modes", default="loop", help="comma-separated engine modes: loop (the default engine), scan "
+                                                   "(--scan-layers), one-group (--kv-slot-groups 1)")
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--json-out")
     args = p.parse_args(argv)
@@ -179,9 +184,9 @@ def main(argv=None) -> None:
                 shutil.copy(tok / f, ckpt / f)
         rows = {}
         for mode in args.modes.split(","):
-            if mode not in ("loop", "scan"):
-                p.error(f"--modes: expected loop and/or scan, got {mode!r}")
-            extra, tag = (["--scan-layers"], " [scan]") if mode == "scan" else ([], "")
+            if mode not in MODES:
+                p.error(f"--modes: expected some of {', '.join(MODES)}, got {mode!r}")
+            extra, tag = MODES[mode]
             cache = work / f"cache-serve-{mode}"
             rows["serve gpt2 cold" + tag] = serve(str(ckpt), cache, extra, args.timeout)
             rows["serve gpt2 warm" + tag] = serve(str(ckpt), cache, extra, args.timeout)

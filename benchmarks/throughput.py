@@ -47,6 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-hf", action="store_true", help="measure the engine only")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="prefix reuse (forks, cached blocks); W1-W3 share no prefix, so on vs off measures its overhead")
+    p.add_argument("--kv-slot-groups", type=int, default=None, help="KV cache slot groups (unset: the engine's default)")
     p.add_argument("--hf-batch", type=int, default=16, help="HF batch size for the mixed workload")
     p.add_argument("--sweep-batch", default=None, help="comma list of batch sizes: W1 shape at each size")
     p.add_argument("--plot", default="benchmarks/sweep.png", help="PNG written by --sweep-batch")
@@ -155,7 +156,8 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     engine = Engine.from_pretrained(args.model, load_format="dummy", dtype=args.dtype, max_slots=args.max_slots,
                                     decode_steps=args.decode_steps, max_seq_len=max_seq_len,
-                                    enable_prefix_caching=args.enable_prefix_caching)
+                                    enable_prefix_caching=args.enable_prefix_caching,
+                                    kv_slot_groups=args.kv_slot_groups)
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     engine.warmup()

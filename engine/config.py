@@ -136,6 +136,11 @@ class EngineConfig:
     # Layers as one lax.scan over stacked parameters (engine.model): compile time independent of depth,
     # decode slower on XLA:CPU (it copies each layer's slices). Off: a Python loop over per-layer arrays.
     scan_layers: bool = False
+    # Slot groups of the KV cache (engine.kv_cache): decode reads, per group, only the blocks its own live
+    # slots reach. None: 4 (or 2, or 1) dividing max_slots, 1 with the slots over `data`. Fewer groups
+    # compile and load the decode, extend and copy programs several times faster, but every slot then reads
+    # up to the longest one's length (README "Start-up and compilation").
+    kv_slot_groups: int | None = None
 
     def __post_init__(self) -> None:
         for field in ("max_slots", "max_seq_len", "decode_steps", "prefill_token_budget"):
@@ -151,6 +156,11 @@ class EngineConfig:
         object.__setattr__(self, "prefix_extend_buckets", tuple(sorted(set(self.prefix_extend_buckets))))
         if not isinstance(self.scan_layers, bool):
             raise ValueError(f"EngineConfig.scan_layers: expected a bool, got {self.scan_layers!r}")
+        groups = self.kv_slot_groups
+        if groups is not None and (not isinstance(groups, int) or isinstance(groups, bool) or groups < 1
+                                   or self.max_slots % groups):
+            raise ValueError(f"EngineConfig.kv_slot_groups: expected None or a positive int dividing max_slots="
+                             f"{self.max_slots}, got {groups!r}")
         budget = self.prefix_cache_max_blocks
         if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 0):
             raise ValueError(f"EngineConfig.prefix_cache_max_blocks: expected None or an int >= 0, got {budget!r}")

@@ -32,7 +32,7 @@ import numpy as np
 
 from engine.compile_cache import enable_compilation_cache
 from engine.config import EngineConfig, GPT2Config, preset
-from engine.kv_cache import block_size
+from engine.kv_cache import block_size, slot_groups
 from engine.requests import (Completion, RequestError, RequestFactory, TokenLogprob, as_prompt_list, attach_rows,
                              completion_of)
 from engine.runner import Runner
@@ -59,8 +59,10 @@ class Engine:
         check_mesh(self.mesh, cfg, ecfg.max_slots)
         dtype = jnp.dtype(ecfg.dtype)
         self.runner = Runner(graphdef, params, cfg, ecfg, dtype, mesh=self.mesh, executables=executables)
-        # The parameters' layout decides (a caller may pass either): the config says what runs.
-        self.engine_config = ecfg = dataclasses.replace(ecfg, scan_layers=self.runner.stacked)
+        # The parameters' layout decides (a caller may pass either): the config says what runs, and how many
+        # slot groups the cache has.
+        self.engine_config = ecfg = dataclasses.replace(ecfg, scan_layers=self.runner.stacked,
+                                                        kv_slot_groups=self.runner.groups)
         self.max_seq_len = self.runner.max_len
         self.scheduler = Scheduler(self._scheduler_config())
         self.requests = RequestFactory(cfg, tokenizer, self.max_seq_len, ecfg.seed)
@@ -88,6 +90,7 @@ class Engine:
         ecfg = EngineConfig(dtype=dtype, mesh=None if mesh is None else describe(jmesh), **engine_options)
         folder, cfg, load_format = _locate(model, load_format)
         check_mesh(jmesh, cfg, ecfg.max_slots)
+        slot_groups(ecfg.max_slots, jmesh.shape["data"], ecfg.kv_slot_groups)  # fails before a weight is read
         jdtype, sharding_fn = jnp.dtype(ecfg.dtype), param_sharding_fn(jmesh)
         scan = ecfg.scan_layers
         if load_format == "dummy":

@@ -6,8 +6,8 @@ slab of all L layers when the model scans over its layers (it reads and writes o
 index), else L slabs of one layer each (a Python loop over layers: every layer its own arrays, read in
 place, which XLA:CPU needs: it copies any slice of a bigger array before a dot). Within a slab the slots
 and positions are split:
-- slots into G groups of consecutive slots (G = `slot_groups`: 4 when the slots are not split over a
-  `data` mesh axis), so decode attends group by group, each group reading only the blocks its own live
+- slots into G groups of consecutive slots (G = `slot_groups`: `EngineConfig.kv_slot_groups`, by default 4
+  when the slots are not split over a `data` mesh axis), so decode attends group by group, each group reading only the blocks its own live
   slots reach (slots of similar length share a group); a narrower decode call takes whole groups, or
   (narrower than one group) the first rows of the first group, sliced out and written back;
 - positions into blocks of `BLOCK`, one array [layers of the slab, S/G, H, BLOCK, K] per (slab, group,
@@ -70,11 +70,19 @@ def block_size(max_len: int) -> int:
     return min(BLOCK, max_len)
 
 
-def slot_groups(slots: int, data: int = 1) -> int:
-    """Slot groups per layer: GROUPS (or 2) when they divide the slots and the slots are not sharded over
-    `data` (a group split across devices would move rows between them every layer), else 1."""
+def slot_groups(slots: int, data: int = 1, requested: int | None = None) -> int:
+    """Slot groups per layer: `requested` (`EngineConfig.kv_slot_groups`), else GROUPS (or 2) when they
+    divide the slots; always 1 with the slots sharded over `data` (a group split across devices would move
+    rows between them every layer)."""
     if data > 1:
+        if requested not in (None, 1):
+            raise ValueError(f"kv_slot_groups={requested}: with the slots split over data={data} the KV cache has "
+                             "one slot group (each device holds its own slots); leave it unset or use 1")
         return 1
+    if requested is not None:
+        if requested < 1 or slots % requested:
+            raise ValueError(f"kv_slot_groups={requested}: expected a positive divisor of the {slots} slots")
+        return requested
     return next(g for g in (GROUPS, 2, 1) if slots % g == 0)
 
 

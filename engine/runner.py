@@ -78,7 +78,7 @@ class Runner(ProgramSet):
         self.trace_count = 0  # incremented whenever a program is traced: the no-recompile check reads it
         # Fixed output shardings: the donated state comes back laid out as it went in (never resharded per
         # call); sampled ids come back replicated, so every process can read them.
-        self.groups = slot_groups(ecfg.max_slots, self.mesh.shape["data"])
+        self.groups = slot_groups(ecfg.max_slots, self.mesh.shape["data"], ecfg.kv_slot_groups)
         self.stacked = self._model(params).scan_layers  # the cache follows the model: one slab, or per layer
         axes = state_axes(cfg, self.max_len, self.groups, self.stacked)
         self.state_shardings = tree_shardings(self.mesh, axes)

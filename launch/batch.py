@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("launch.batch")
 
 ENGINE_FLAGS = ("max_slots", "max_seq_len", "decode_steps", "prefill_buckets", "mesh",
-                "enable_prefix_caching", "prefix_cache_max_blocks", "scan_layers")
+                "enable_prefix_caching", "prefix_cache_max_blocks", "scan_layers",
+                "kv_slot_groups")
 SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
                   "presence_penalty", "frequency_penalty", "stop", "ignore_eos", "logprobs")
 

@@ -47,7 +47,8 @@ from launch.vllm_api import add_routes
 
 log = logging.getLogger("launch.serve")
 ENGINE_FLAGS = ("max_slots", "max_seq_len", "decode_steps", "prefill_buckets", "prefill_token_budget", "mesh",
-                "seed", "enable_prefix_caching", "prefix_cache_max_blocks", "scan_layers")
+                "seed", "enable_prefix_caching", "prefix_cache_max_blocks", "scan_layers",
+                "kv_slot_groups")
 
 
 @dataclasses.dataclass

@@ -295,6 +295,7 @@ def test_bad_flag_is_a_usage_error(tmp_path, batch_env):
 
 
 @pytest.mark.parametrize("cli, argv", [("launch.batch", ["in.jsonl", "--top-p", "2"]),
+                                       ("launch.batch", ["in.jsonl", "--kv-slot-groups", "3"]),
                                        ("launch.serve", ["--model", "m", "--max-waiting", "-1"])])
 def test_a_bad_flag_fails_before_jax_is_imported(cli, argv, batch_env):
     """Flag checks need no JAX (its import alone takes seconds): a typo is answered at once."""

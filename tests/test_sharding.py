@@ -185,6 +185,29 @@ def test_scan_layers_engine_matches_the_per_layer_engine(tiny_model, reference, 
     assert_same_logprobs(got["logprobs"], expected["logprobs"])
 
 
+def test_one_slot_group_engine_matches_the_default(tiny_model, reference):
+    """`kv_slot_groups=1`: the cache holds every slot in one group (the default here: 4), which every decode
+    reads as far as its longest slot; the results are the same."""
+    _, expected = reference
+    assert len(reference[0].runner.state.cache.k[0]) == 4
+    engine = Engine.from_pretrained(tiny_model, kv_slot_groups=1, **ENGINE_OPTS)
+    assert engine.runner.groups == 1 and len(engine.runner.state.cache.k[0]) == 1
+    assert (engine.engine_config.kv_slot_groups, reference[0].engine_config.kv_slot_groups) == (1, 4)
+    got = run(engine)
+    np.testing.assert_allclose(got["logits"], expected["logits"], rtol=0, atol=1e-4)
+    assert got["greedy"] == expected["greedy"] and got["sampled"] == expected["sampled"]
+    assert_same_logprobs(got["logprobs"], expected["logprobs"])
+
+
+@pytest.mark.parametrize("groups, mesh, match", [
+    (3, None, "kv_slot_groups: expected None or a positive int dividing max_slots=8, got 3"),
+    (0, None, "kv_slot_groups: expected None or a positive int dividing max_slots=8, got 0"),
+    (2, "data=2,model=4", "kv_slot_groups=2: with the slots split over data=2 the KV cache has one slot group")])
+def test_a_bad_slot_group_count_is_refused_before_any_weight_is_read(groups, mesh, match):
+    with pytest.raises(ValueError, match=re.escape(match)):  # no checkpoint there: nothing is read before
+        Engine.from_pretrained("gpt2", load_format="dummy", mesh=mesh, kv_slot_groups=groups, **ENGINE_OPTS)
+
+
 def test_data_sharded_decode_runs_every_slot_and_moves_rows_across_shards(tiny_model, reference, monkeypatch):
     """With slots split over `data`, every decode call runs all slots (a narrower one would reslice the
     sharded cache), so aborting six of the eight requests moves nothing and the two others give the

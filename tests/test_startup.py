@@ -28,7 +28,7 @@ def default_engine(tmp_path_factory):
 
 
 def test_default_configuration_compiles_the_documented_number_of_programs(default_engine):
-    assert default_engine.engine_config == EngineConfig()
+    assert default_engine.engine_config == EngineConfig(kv_slot_groups=4)  # the default count, resolved
     assert default_engine.num_programs == DEFAULT_PROGRAMS == 24
     off = EngineConfig(enable_prefix_caching=False)
     assert default_engine.engine_config.extend_buckets(128) == (32, 128) and off.extend_buckets(128) is None
