@@ -4,7 +4,7 @@ so machine load hits both alike): gpt2 dummy weights, 16 slots, 1024 positions, 
 
     python benchmarks/scan_decode_ab.py [calls per engine, default 8]
 """
-import sys, os, time, json
+import sys, os, time
 sys.path.insert(0, os.getcwd())
 import numpy as np
 from engine import Engine

@@ -19,7 +19,6 @@ machine allows.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
 
 import numpy as np

@@ -173,6 +173,10 @@ def main(argv=None) -> None:
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--json-out")
     args = p.parse_args(argv)
+    modes = args.modes.split(",")
+    for mode in modes:
+        if mode not in MODES:
+            p.error(f"--modes: expected some of {', '.join(MODES)}, got {mode!r}")
     from engine.config import preset
 
     work = Path(tempfile.mkdtemp(prefix="startup-"))
@@ -183,9 +187,7 @@ def main(argv=None) -> None:
             for f in ("vocab.json", "merges.txt"):
                 shutil.copy(tok / f, ckpt / f)
         rows = {}
-        for mode in args.modes.split(","):
-            if mode not in MODES:
-                p.error(f"--modes: expected some of {', '.join(MODES)}, got {mode!r}")
+        for mode in modes:
             extra, tag = MODES[mode]
             cache = work / f"cache-serve-{mode}"
             rows["serve gpt2 cold" + tag] = serve(str(ckpt), cache, extra, args.timeout)

@@ -21,7 +21,6 @@ import platform
 import sys
 import time
 
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -165,7 +164,7 @@ def main(argv=None) -> None:
     print(f"loaded in {load_s:.1f}s, compiled in {compile_s:.1f}s", file=sys.stderr)
     result = {"model": args.model, "dtype": args.dtype, "max_slots": args.max_slots,
               "enable_prefix_caching": args.enable_prefix_caching,
-              "decode_steps": args.decode_steps, "max_seq_len": max_seq_len, "compile_s": compile_s,
+              "kv_slot_groups": engine.engine_config.kv_slot_groups, "decode_steps": args.decode_steps, "max_seq_len": max_seq_len, "compile_s": compile_s,
               "load_s": load_s, **environment()}
     if args.sweep_batch:
         result["sweep"] = sweep(args, engine, [int(b) for b in args.sweep_batch.split(",")])

@@ -114,6 +114,9 @@ DTYPES = ("float32", "bfloat16")
 # "Start-up and compilation"): 17 prefill (bucket x rows), 3 decode (1 window x widths 1, 4, 16), 1 block
 # copy, 1 row move, and for prefix caching 2 extend (suffix buckets 32 and 128).
 DEFAULT_PROGRAMS = 24
+# Each KV cache slot group adds its own attention kernels to every decode, extend and copy program (~1,000
+# code mappings for gpt2, 4x that for gpt2-xl): more than this would approach the kernel's map limit.
+MAX_SLOT_GROUPS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +140,7 @@ class EngineConfig:
     # decode slower on XLA:CPU (it copies each layer's slices). Off: a Python loop over per-layer arrays.
     scan_layers: bool = False
     # Slot groups of the KV cache (engine.kv_cache): decode reads, per group, only the blocks its own live
-    # slots reach. None: 4 (or 2, or 1) dividing max_slots, 1 with the slots over `data`. Fewer groups
+    # slots reach. None: 4 (else 2, else 1) dividing max_slots, 1 with the slots over `data`. Fewer groups
     # compile and load the decode, extend and copy programs several times faster, but every slot then reads
     # up to the longest one's length (README "Start-up and compilation").
     kv_slot_groups: int | None = None
@@ -158,9 +161,9 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.scan_layers: expected a bool, got {self.scan_layers!r}")
         groups = self.kv_slot_groups
         if groups is not None and (not isinstance(groups, int) or isinstance(groups, bool) or groups < 1
-                                   or self.max_slots % groups):
-            raise ValueError(f"EngineConfig.kv_slot_groups: expected None or a positive int dividing max_slots="
-                             f"{self.max_slots}, got {groups!r}")
+                                   or groups > MAX_SLOT_GROUPS or self.max_slots % groups):
+            raise ValueError(f"EngineConfig.kv_slot_groups: expected None or an int from 1 to {MAX_SLOT_GROUPS} "
+                             f"dividing max_slots={self.max_slots}, got {groups!r}")
         budget = self.prefix_cache_max_blocks
         if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 0):
             raise ValueError(f"EngineConfig.prefix_cache_max_blocks: expected None or an int >= 0, got {budget!r}")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 
@@ -45,6 +46,12 @@ from weights import checkpoint, hf
 from weights.loader import init_dummy, load_safetensors
 
 LOAD_FORMATS = ("auto", "safetensors", "orbax", "dummy")
+log = logging.getLogger(__name__)
+
+
+def _gigabytes(tree) -> float:
+    """Bytes of every array in `tree` (whole arrays, over all their shards), in GB."""
+    return sum(a.nbytes for a in jax.tree.leaves(tree)) / 1e9
 
 
 class Engine:
@@ -64,6 +71,9 @@ class Engine:
         self.engine_config = ecfg = dataclasses.replace(ecfg, scan_layers=self.runner.stacked,
                                                         kv_slot_groups=self.runner.groups)
         self.max_seq_len = self.runner.max_len
+        log.info("KV cache: %d slots x %d positions x %d layers in %d slot group(s), %s: %.2f GB; weights %.2f GB",
+                 ecfg.max_slots, self.max_seq_len, cfg.n_layer, self.runner.groups, ecfg.dtype,
+                 _gigabytes(self.runner.state.cache), _gigabytes(params))
         self.scheduler = Scheduler(self._scheduler_config())
         self.requests = RequestFactory(cfg, tokenizer, self.max_seq_len, ecfg.seed)
         self._steps = StepRunner(self.runner, self.scheduler)

@@ -6,8 +6,8 @@ slab of all L layers when the model scans over its layers (it reads and writes o
 index), else L slabs of one layer each (a Python loop over layers: every layer its own arrays, read in
 place, which XLA:CPU needs: it copies any slice of a bigger array before a dot). Within a slab the slots
 and positions are split:
-- slots into G groups of consecutive slots (G = `slot_groups`: `EngineConfig.kv_slot_groups`, by default 4
-  when the slots are not split over a `data` mesh axis), so decode attends group by group, each group reading only the blocks its own live
+- slots into G groups of consecutive slots (G = `slot_groups`: `EngineConfig.kv_slot_groups`, by
+  default 4 when the slots are not split over a `data` mesh axis), so decode attends group by group, each group reading only the blocks its own live
   slots reach (slots of similar length share a group); a narrower decode call takes whole groups, or
   (narrower than one group) the first rows of the first group, sliced out and written back;
 - positions into blocks of `BLOCK`, one array [layers of the slab, S/G, H, BLOCK, K] per (slab, group,
@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from engine.config import GPT2Config
 
 BLOCK = 128  # cache positions per block array
-GROUPS = 4  # slot groups per layer when the slots are not split over devices
+GROUPS = 4  # slot groups per layer when kv_slot_groups is unset and the slots are not split over devices
 CACHE_AXES = ("layers", "slots", "heads", "positions", "head_dim")  # of each block array
 
 Groups = tuple[tuple[jax.Array, ...], ...]  # [group][block] -> [layers of the slab, S/G, H, block, K]

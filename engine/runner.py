@@ -107,7 +107,8 @@ class Runner(ProgramSet):
             return [(jax.tree_util.keystr(k), a.shape, str(a.dtype), str(a.sharding)) for k, a in flat]
 
         devices = list(self.mesh.devices.flat)
-        key = fingerprint(self.cfg, self.ecfg, dict(self.mesh.shape), [(d.platform, d.id) for d in devices],
+        ecfg = dataclasses.replace(self.ecfg, kv_slot_groups=self.groups)  # unset and its value: one program set
+        key = fingerprint(self.cfg, ecfg, dict(self.mesh.shape), [(d.platform, d.id) for d in devices],
                           leaves(self.params), leaves(self.state))
         return ExecutableStore(folder, key, devices)
 

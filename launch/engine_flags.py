@@ -45,9 +45,9 @@ FLAGS: dict[str, dict] = {
     "scan_layers": dict(action=argparse.BooleanOptionalAction, default=None,
                         help="run the layers as one scan over stacked weights (unset: off): compile time independent "
                              "of depth (start-up in a fraction of the time), decode slower on CPU"),
-    "kv_slot_groups": dict(type=int, help="KV cache slot groups, dividing --max-slots (unset: 4, or 1 with the slots "
-                                          "over data): 1 compiles and loads decode ~3x faster, but every slot then "
-                                          "reads as far as the longest"),
+    "kv_slot_groups": dict(type=int, help="KV cache slot groups, 1 to 8 dividing --max-slots (unset: 4, else 2, else 1; "
+                                          "1 with the slots over data): 1 compiles and loads decode ~3x faster, but "
+                                          "every slot then reads as far as the longest"),
 }
 
 

@@ -5,6 +5,7 @@ below is valid; each mesh compiles its own programs, so generation is kept to on
 """
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from engine import Engine, SamplingParams
-from engine.config import GPT2Config, preset
+from engine.config import EngineConfig, GPT2Config, preset
 from engine.model import param_axes
 from engine.programs import compile_all
 from engine.sampling import MAX_LOGPROBS
@@ -185,12 +186,14 @@ def test_scan_layers_engine_matches_the_per_layer_engine(tiny_model, reference, 
     assert_same_logprobs(got["logprobs"], expected["logprobs"])
 
 
-def test_one_slot_group_engine_matches_the_default(tiny_model, reference):
+def test_one_slot_group_engine_matches_the_default(tiny_model, reference, caplog):
     """`kv_slot_groups=1`: the cache holds every slot in one group (the default here: 4), which every decode
     reads as far as its longest slot; the results are the same."""
     _, expected = reference
     assert len(reference[0].runner.state.cache.k[0]) == 4
-    engine = Engine.from_pretrained(tiny_model, kv_slot_groups=1, **ENGINE_OPTS)
+    with caplog.at_level(logging.INFO, logger="engine.engine"):
+        engine = Engine.from_pretrained(tiny_model, kv_slot_groups=1, **ENGINE_OPTS)
+    assert "KV cache: 8 slots x 32 positions x 2 layers in 1 slot group(s), float32" in caplog.text
     assert engine.runner.groups == 1 and len(engine.runner.state.cache.k[0]) == 1
     assert (engine.engine_config.kv_slot_groups, reference[0].engine_config.kv_slot_groups) == (1, 4)
     got = run(engine)
@@ -199,13 +202,29 @@ def test_one_slot_group_engine_matches_the_default(tiny_model, reference):
     assert_same_logprobs(got["logprobs"], expected["logprobs"])
 
 
+def test_one_slot_group_reads_as_far_as_its_longest_slot(tiny_model):
+    """Two cache blocks per slot: a 140-token prompt beside short ones. With 4 groups only its group reads
+    the second block; with one group every slot does, masked: the same tokens and logprobs."""
+    options = dict(ENGINE_OPTS, max_seq_len=160, enable_prefix_caching=False)
+    prompts = [list(range(100, 240)), [5, 6, 7], [9] * 10, [300, 301], [7] * 20]
+    params = SamplingParams(max_new_tokens=8, temperature=0.0, logprobs=2)
+    out = {g: Engine.from_pretrained(tiny_model, kv_slot_groups=g, **options).generate(prompts, params)
+           for g in (1, 4)}
+    assert [c.token_ids for c in out[1]] == [c.token_ids for c in out[4]]
+    for one, four in zip(out[1], out[4]):
+        assert_same_logprobs(one.logprobs, four.logprobs)
+
+
 @pytest.mark.parametrize("groups, mesh, match", [
-    (3, None, "kv_slot_groups: expected None or a positive int dividing max_slots=8, got 3"),
-    (0, None, "kv_slot_groups: expected None or a positive int dividing max_slots=8, got 0"),
+    (3, None, "kv_slot_groups: expected None or an int from 1 to 8 dividing max_slots=8, got 3"),
+    (0, None, "kv_slot_groups: expected None or an int from 1 to 8 dividing max_slots=8, got 0"),
     (2, "data=2,model=4", "kv_slot_groups=2: with the slots split over data=2 the KV cache has one slot group")])
-def test_a_bad_slot_group_count_is_refused_before_any_weight_is_read(groups, mesh, match):
-    with pytest.raises(ValueError, match=re.escape(match)):  # no checkpoint there: nothing is read before
-        Engine.from_pretrained("gpt2", load_format="dummy", mesh=mesh, kv_slot_groups=groups, **ENGINE_OPTS)
+def test_a_bad_slot_group_count_is_refused_before_any_weight_is_read(tiny_model, monkeypatch, groups, mesh, match):
+    monkeypatch.setattr("engine.engine.load_safetensors", lambda *a, **k: pytest.fail("weights were read"))
+    with pytest.raises(ValueError, match=re.escape(match)):
+        Engine.from_pretrained(tiny_model, mesh=mesh, kv_slot_groups=groups, **ENGINE_OPTS)
+    with pytest.raises(ValueError, match="kv_slot_groups: expected None or an int from 1 to 8 dividing max_slots=16"):
+        EngineConfig(max_slots=16, kv_slot_groups=16)
 
 
 def test_data_sharded_decode_runs_every_slot_and_moves_rows_across_shards(tiny_model, reference, monkeypatch):
