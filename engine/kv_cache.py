@@ -7,9 +7,10 @@ index), else L slabs of one layer each (a Python loop over layers: every layer i
 place, which XLA:CPU needs: it copies any slice of a bigger array before a dot). Within a slab the slots
 and positions are split:
 - slots into G groups of consecutive slots (G = `slot_groups`: `EngineConfig.kv_slot_groups`, by
-  default 4 when the slots are not split over a `data` mesh axis), so decode attends group by group, each group reading only the blocks its own live
-  slots reach (slots of similar length share a group); a narrower decode call takes whole groups, or
-  (narrower than one group) the first rows of the first group, sliced out and written back;
+  default 4 when the slots are not split over a `data` mesh axis), so decode attends group by group, each
+  group reading only the blocks its own live slots reach (slots of similar length share a group); a
+  narrower decode call takes whole groups, or (narrower than one group) the first rows of the first group,
+  sliced out and written back;
 - positions into blocks of `BLOCK`, one array [layers of the slab, S/G, H, BLOCK, K] per (slab, group,
   block): attending to the first W positions reads the first ceil(W / BLOCK) arrays' layer whole.
   (Slicing a window or a slot range out of a bigger array makes XLA:CPU copy it first, which costs more
@@ -79,9 +80,7 @@ def slot_groups(slots: int, data: int = 1, requested: int | None = None) -> int:
             raise ValueError(f"kv_slot_groups={requested}: with the slots split over data={data} the KV cache has "
                              "one slot group (each device holds its own slots); leave it unset or use 1")
         return 1
-    if requested is not None:
-        if requested < 1 or slots % requested:
-            raise ValueError(f"kv_slot_groups={requested}: expected a positive divisor of the {slots} slots")
+    if requested is not None:  # EngineConfig checked that it divides the slots
         return requested
     return next(g for g in (GROUPS, 2, 1) if slots % g == 0)
 
