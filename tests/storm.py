@@ -14,7 +14,9 @@ import time
 
 import httpx
 
-MAX_BODY, READ_TIMEOUT_S = 64 * 1024, 2
+# The header timeout of the test servers: long enough that a client starved of CPU (200 streams opening at once
+# while the other test worker compiles) still sends its request head in time; the storm stalls past it.
+MAX_BODY, READ_TIMEOUT_S = 64 * 1024, 5
 STORM_FLAGS = ["--max-body-bytes", str(MAX_BODY), "--timeout-read", str(READ_TIMEOUT_S), "--max-stop-strings", "4",
                "--max-stop-chars", "64", "--max-stop-token-ids", "8"]
 GREEDY = {"prompt": "Before and after the storm", "max_tokens": 10, "temperature": 0}
