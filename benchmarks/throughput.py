@@ -164,7 +164,8 @@ def main(argv=None) -> None:
     print(f"loaded in {load_s:.1f}s, compiled in {compile_s:.1f}s", file=sys.stderr)
     result = {"model": args.model, "dtype": args.dtype, "max_slots": args.max_slots,
               "enable_prefix_caching": args.enable_prefix_caching,
-              "kv_slot_groups": engine.engine_config.kv_slot_groups, "decode_steps": args.decode_steps, "max_seq_len": max_seq_len, "compile_s": compile_s,
+              "kv_slot_groups": engine.engine_config.kv_slot_groups, "decode_steps": args.decode_steps,
+              "max_seq_len": max_seq_len, "compile_s": compile_s,
               "load_s": load_s, **environment()}
     if args.sweep_batch:
         result["sweep"] = sweep(args, engine, [int(b) for b in args.sweep_batch.split(",")])
