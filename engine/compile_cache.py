@@ -16,6 +16,9 @@ import os
 import threading
 
 import jax
+from jax.experimental.compilation_cache import (
+    compilation_cache as jax_compilation_cache,
+)
 from jax.experimental.serialize_executable import serialize
 
 log = logging.getLogger(__name__)
@@ -115,14 +118,17 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> str | Non
     """Turn on JAX's persistent compilation cache for this process (every program, however fast it
     compiled): in `path`, else $GPT2_ENGINE_COMPILE_CACHE, else $JAX_COMPILATION_CACHE_DIR, else
     $XDG_CACHE_HOME/gpt2-jax-engine/xla (~/.cache by default). $GPT2_ENGINE_COMPILE_CACHE=0 turns it
-    off. Returns the folder in use (None: off). The setting is process-wide, as JAX's is."""
+    off. Returns the folder in use (None: off). The setting is process-wide, as JAX's is: a later call
+    with another folder moves every later compile there."""
     env = os.environ.get(CACHE_ENV)
     if path is None and env in ("0", "false", "off"):
         return None
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     folder = str(path or env or os.environ.get("JAX_COMPILATION_CACHE_DIR")
                  or os.path.join(base, "gpt2-jax-engine", "xla"))
-    jax.config.update("jax_compilation_cache_dir", folder)
+    if jax.config.jax_compilation_cache_dir != folder:
+        jax.config.update("jax_compilation_cache_dir", folder)
+        jax_compilation_cache.reset_cache()  # JAX opens its folder once, at the first compile: reopen it
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return folder

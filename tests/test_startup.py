@@ -13,8 +13,10 @@ import jax
 import numpy as np
 import pytest
 
-from engine.config import DEFAULT_PROGRAMS, EngineConfig, preset
+from engine import engine as engine_module
 from engine import programs as programs_module
+from engine.compile_cache import enable_compilation_cache
+from engine.config import DEFAULT_PROGRAMS, EngineConfig, preset
 from engine.engine import Engine
 from engine.programs import Prefetch
 from engine.sampling import SamplingParams
@@ -96,11 +98,34 @@ def small_model(tmp_path_factory):
     engine loads what the first test stored)."""
     root, before = tmp_path_factory.mktemp("store"), jax.config.jax_compilation_cache_dir
     yield make_tiny_checkpoint(root / "model", with_tokenizer=False), root / "cache"
-    jax.config.update("jax_compilation_cache_dir", before)  # compile_cache=path moved it process-wide
+    enable_compilation_cache(before)  # compile_cache=path moved it process-wide (None: the default folder)
+
+
+@pytest.fixture
+def warm_jax_cache(monkeypatch):
+    """Engines made with `compile_cache=PATH` keep their executables under PATH (empty at first) but compile
+    through the default JAX cache, warm from earlier runs: for the tests that need only the store to start
+    empty. The first store test compiles with its own JAX cache, so a fresh compile is stored every run."""
+    real = engine_module.enable_compilation_cache
+    monkeypatch.setattr(engine_module, "enable_compilation_cache", lambda path=None: (real(), str(path))[1])
+
+
+def test_each_compile_cache_folder_gets_the_compiles_made_while_it_is_set(tmp_path):
+    """JAX opens its cache folder once per process: a later engine with another folder must move it."""
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        for i, folder in enumerate((tmp_path / "a", tmp_path / "b")):
+            enable_compilation_cache(folder)
+            jax.jit(lambda x, i=i: x * (i + 2) + 1)(np.arange(3.0)).block_until_ready()
+            assert any(folder.iterdir()), f"nothing compiled into {folder.name}"
+    finally:
+        enable_compilation_cache(before)
 
 
 @pytest.mark.parametrize("mesh", [None, "data=2,model=4"])
-def test_a_second_engine_loads_every_program_from_the_executable_store(small_model, mesh):
+def test_a_second_engine_loads_every_program_from_the_executable_store(small_model, mesh, request):
+    if mesh:
+        request.getfixturevalue("warm_jax_cache")
     folder, cache = small_model
     prompts, params = [[5, 6, 7], [8, 9, 10, 11, 12]], SamplingParams(max_new_tokens=5, temperature=0.9, seed=1)
     first = _small_engine(folder, cache, mesh=mesh)
@@ -123,6 +148,7 @@ def _stored_run(folder, cache, seed: int) -> tuple[Engine, Callable[[Engine], li
     return first, lambda engine: [c.token_ids for c in engine.generate(prompts, params)]
 
 
+@pytest.mark.usefixtures("warm_jax_cache")
 def test_an_engine_starts_loading_its_stored_decode_programs_in_the_background(small_model, monkeypatch):
     first, run = _stored_run(*small_model, seed=2)
     expected = run(first)
@@ -142,11 +168,12 @@ def test_an_engine_starts_loading_its_stored_decode_programs_in_the_background(s
     prefetch.stop()
 
 
+@pytest.mark.usefixtures("warm_jax_cache")
 def test_a_background_warmup_compiles_what_the_store_lacks_and_loads_the_rest_behind(small_model):
     first, run = _stored_run(*small_model, seed=4)
     expected = run(first)
     os.remove(first.runner._move.store._path("move", ()))
-    jax.clear_caches()  # as in a new process: move compiles (JAX's cache answers) and is stored again
+    jax.clear_caches()  # as in a new process: move compiles (or JAX's cache answers) and is stored again
     second = _small_engine(*small_model)
     seconds = second.warmup(background=True)
     assert seconds["move"] > 0 and {s for name, s in seconds.items() if name != "move"} == {0.0}
@@ -159,6 +186,7 @@ def test_a_background_warmup_compiles_what_the_store_lacks_and_loads_the_rest_be
     assert run(second) == expected and runner.trace_count == 0
 
 
+@pytest.mark.usefixtures("warm_jax_cache")
 def test_a_lazy_engine_compiles_a_decode_program_with_its_narrower_widths_copy_and_move(small_model):
     engine = _small_engine(*small_model, decode_steps=5)  # a configuration nothing stored yet
     runner = engine.runner
@@ -190,6 +218,7 @@ def test_prefetch_runs_loads_in_order_and_drops_the_queued_ones_when_stopped():
     assert prefetch.submit(lambda: 1).cancelled()  # stopped: nothing more runs
 
 
+@pytest.mark.usefixtures("warm_jax_cache")
 def test_a_damaged_stored_program_is_compiled_again_and_other_configs_get_their_own(small_model, caplog):
     folder, cache = small_model
     first = _small_engine(folder, cache)
