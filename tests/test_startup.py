@@ -18,7 +18,7 @@ from engine import programs as programs_module
 from engine.compile_cache import enable_compilation_cache
 from engine.config import DEFAULT_PROGRAMS, EngineConfig, preset
 from engine.engine import Engine
-from engine.programs import Prefetch
+from engine.programs import Prefetch, compile_all
 from engine.sampling import SamplingParams
 from tests.checkpoints import make_tiny_checkpoint
 
@@ -105,7 +105,8 @@ def small_model(tmp_path_factory):
 def warm_jax_cache(monkeypatch):
     """Engines made with `compile_cache=PATH` keep their executables under PATH (empty at first) but compile
     through the default JAX cache, warm from earlier runs: for the tests that need only the store to start
-    empty. The first store test compiles with its own JAX cache, so a fresh compile is stored every run."""
+    empty (with xdist a module's tests may run in two processes, each with its own empty PATH); a fresh
+    compile's storing is tested on its own, with an empty JAX cache."""
     real = engine_module.enable_compilation_cache
     monkeypatch.setattr(engine_module, "enable_compilation_cache", lambda path=None: (real(), str(path))[1])
 
@@ -122,10 +123,25 @@ def test_each_compile_cache_folder_gets_the_compiles_made_while_it_is_set(tmp_pa
         enable_compilation_cache(before)
 
 
+def test_a_program_xla_compiles_now_is_stored_and_runs_when_loaded(small_model, tmp_path):
+    """JAX's cache empty (a fresh machine): the store keeps the executable's own serialization, and a
+    second engine loads and runs it (the block copy and row move: a slot's move runs both)."""
+    folder, _ = small_model
+    jax.clear_caches()  # nor JAX's executables in memory (a program that JAX hands back is not stored)
+    first = _small_engine(folder, tmp_path)  # its own JAX cache too: nothing answers there
+    runner = first.runner
+    moves = [(p, k, a) for p, k, a in runner.programs((16,), (16,)) if p.name in ("copy", "move")]
+    assert set(compile_all(moves)) == {"copy", "move"} and any(f.is_file() for f in tmp_path.iterdir())
+    assert all(p.store.has(p.name, k) for p, k, _ in moves)
+    jax.clear_caches()  # the later store tests' engines compile these two, and must store them
+    second = _small_engine(folder, tmp_path)
+    assert all(p.load(()) for p in (second.runner._copy, second.runner._move))  # from the store
+    second.runner.move([(1, 0)])  # runs the loaded machine code
+
+
 @pytest.mark.parametrize("mesh", [None, "data=2,model=4"])
-def test_a_second_engine_loads_every_program_from_the_executable_store(small_model, mesh, request):
-    if mesh:
-        request.getfixturevalue("warm_jax_cache")
+@pytest.mark.usefixtures("warm_jax_cache")
+def test_a_second_engine_loads_every_program_from_the_executable_store(small_model, mesh):
     folder, cache = small_model
     prompts, params = [[5, 6, 7], [8, 9, 10, 11, 12]], SamplingParams(max_new_tokens=5, temperature=0.9, seed=1)
     first = _small_engine(folder, cache, mesh=mesh)
@@ -241,6 +257,7 @@ def test_a_damaged_stored_program_is_compiled_again_and_other_configs_get_their_
     assert plain.runner._decode.store is None
 
 
+@pytest.mark.usefixtures("warm_jax_cache")
 def test_programs_answered_by_jax_persistent_cache_are_stored_whole(small_model):
     """A new engine version whose programs did not change: the store misses, JAX's cache answers every
     program, and the store is filled from that cache's entries (an executable loaded from JAX's cache
