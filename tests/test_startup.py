@@ -108,7 +108,12 @@ def warm_jax_cache(monkeypatch):
     empty (with xdist a module's tests may run in two processes, each with its own empty PATH); a fresh
     compile's storing is tested on its own, with an empty JAX cache."""
     real = engine_module.enable_compilation_cache
-    monkeypatch.setattr(engine_module, "enable_compilation_cache", lambda path=None: (real(), str(path))[1])
+
+    def default_jax_cache(path=None):
+        real()  # JAX's cache in its default folder
+        return str(path)  # the folder the engine keeps its executables under
+
+    monkeypatch.setattr(engine_module, "enable_compilation_cache", default_jax_cache)
 
 
 def test_each_compile_cache_folder_gets_the_compiles_made_while_it_is_set(tmp_path):
