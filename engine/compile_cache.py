@@ -126,9 +126,11 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> str | Non
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     folder = str(path or env or os.environ.get("JAX_COMPILATION_CACHE_DIR")
                  or os.path.join(base, "gpt2-jax-engine", "xla"))
-    if jax.config.jax_compilation_cache_dir != folder:
+    before = jax.config.jax_compilation_cache_dir
+    if before != folder:
         jax.config.update("jax_compilation_cache_dir", folder)
-        jax_compilation_cache.reset_cache()  # JAX opens its folder once, at the first compile: reopen it
+        if before is not None:  # JAX opens its folder once, at the first compile: reopen it here
+            jax_compilation_cache.reset_cache()
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return folder
