@@ -111,9 +111,10 @@ DTYPES = ("float32", "bfloat16")
 
 
 # Programs `Engine.warmup` compiles for the default EngineConfig on a 1024-position model (README
-# "Start-up and compilation"): 17 prefill (bucket x rows), 3 decode (1 window x widths 1, 4, 16), 1 block
-# copy, 1 row move, and for prefix caching 2 extend (suffix buckets 32 and 128).
-DEFAULT_PROGRAMS = 24
+# "Start-up and compilation"): 17 prefill (bucket x rows), 3 first-token (widths 1, 4, 16), 3 decode (1
+# window x widths 1, 4, 16), 1 block copy, 1 row move, and for prefix caching 2 extend (suffix buckets 32
+# and 128).
+DEFAULT_PROGRAMS = 27
 # Each KV cache slot group adds its own attention kernels to every decode, extend and copy program (~1,000
 # code mappings for gpt2, 4x that for gpt2-xl): more than this would approach the kernel's map limit.
 MAX_SLOT_GROUPS = 8

@@ -1,7 +1,7 @@
 """The on-device state the compiled programs carry (`DecodeState`), the host arrays of a prefill call
 (`PrefillRows`), what a program returns per sampled token (`Sampled`), and the pure functions the runner's
-programs share: sampling one step, marking seen tokens, storing a call's first tokens into the slots, and
-moving one slot's row.
+programs share: sampling one step, marking seen tokens, storing a call's prompts into their slots and
+sampling their first tokens (`sample_first`, a program of its own), and moving one slot's row.
 
 Invariant: every per-slot array has the slots on dim 0 (logical axis `slots`, split over `data`), except the
 KV cache's block arrays, which have them on dim 1 (after the stacked layers); `state_axes` says which.
@@ -123,19 +123,49 @@ def put_rows(slots, target, rows):
     return target.at[slots].set(rows.astype(target.dtype), mode="drop")
 
 
-def store_first(state: DecodeState, cache: KVCache, rows: PrefillRows | ExtendRows, out: Sampled, seen,
-                 counts, slots) -> DecodeState:
-    """The state after a prefill or extend call: each sampled row's slot (`slots`, indices into `state`;
-    out of range: dropped) takes its first token, cache length, key, parameters, min_tokens bit set and
-    seen/counts (with that token)."""
+def store_prompt(state: DecodeState, cache: KVCache, rows: PrefillRows | ExtendRows, seen, slots) -> DecodeState:
+    """The state after a prefill or extend call, but for the first tokens (`store_token` writes those): each
+    prompt's slot (`slots`, indices into `state`; out of range: dropped) takes its cache length, key,
+    parameters, min_tokens bit set and seen tokens."""
+    put = functools.partial(put_rows, slots)
+    return dataclasses.replace(
+        state, cache=dataclasses.replace(cache, lengths=put(cache.lengths, rows.lengths)),
+        steps=put(state.steps, jnp.ones(rows.slots.shape[0], jnp.int32)), keys=put(state.keys, rows.keys),
+        params=SlotParams(*(put(a, r) for a, r in zip(state.params, rows.params))),
+        wants_logprobs=put(state.wants_logprobs, rows.wants_logprobs), seen=put(state.seen, seen),
+        banned=put(state.banned, rows.banned))
+
+
+def sample_first(state: DecodeState, logits, slots) -> tuple[DecodeState, Sampled]:
+    """The first token of each row's slot (`slots` i32[W]; out of range: a padding row, greedy and dropped),
+    sampled from `logits` [W, V] with what `store_prompt` stored there (step 0, nothing generated yet), then
+    stored: the slot's next token to feed, its seen tokens and generated-token counts."""
+    s, (w, v) = state.tokens.shape[0], logits.shape
+    valid, at = slots < s, jnp.minimum(slots, s - 1)
+    params = SlotParams(*(jnp.where(valid, a[at], n) for a, n in zip(state.params, neutral_params(w))))
+    seen, counts = state.seen[at], jnp.zeros((w, v), jnp.int32)
+    out = sample_step(logits, params, seen, counts, state.keys[at], jnp.zeros(w, jnp.int32),
+                      state.wants_logprobs[at] & valid, state.banned[at])
     seen, counts = mark_seen(seen, counts, out.tokens)
     put = functools.partial(put_rows, slots)
-    return DecodeState(
-        cache=dataclasses.replace(cache, lengths=put(cache.lengths, rows.lengths)),
-        tokens=put(state.tokens, out.tokens), steps=put(state.steps, jnp.ones(rows.slots.shape[0], jnp.int32)),
-        keys=put(state.keys, rows.keys), params=SlotParams(*(put(a, r) for a, r in zip(state.params, rows.params))),
-        wants_logprobs=put(state.wants_logprobs, rows.wants_logprobs),
-        seen=put(state.seen, seen), counts=put(state.counts, counts), banned=put(state.banned, rows.banned))
+    return dataclasses.replace(state, tokens=put(state.tokens, out.tokens), seen=put(state.seen, seen),
+                               counts=put(state.counts, counts)), out
+
+
+def first_width(prompts: int, slots: int) -> int:
+    """Rows of the first-token program (`sample_first`) for a call of `prompts` prompts (per data shard):
+    the next power of 4, at most the shard's `slots`; so a few programs serve every prefill and extend."""
+    width = 1
+    while width < prompts:
+        width *= 4
+    return min(width, slots)
+
+
+def first_rows(prompts: int, data: int, slots: int) -> np.ndarray:
+    """Row of each of a prefill call's `prompts` entries in its first-token program's output: each data
+    shard's part (of `slots` // `data` slots) is padded to its `first_width`."""
+    local, i = prompts // data, np.arange(prompts)
+    return (i // local) * first_width(local, slots // data) + i % local
 
 
 def dummy_rows(size: int, bucket: int, prompts: int, num_slots: int, words: int) -> PrefillRows:

@@ -4,15 +4,17 @@
 `programs` lists (program, key, example args) for every shape the engine can meet, slowest to compile
 first; `warmup` compiles or loads all of them ahead of time (in parallel), or with `background` compiles
 only what the executable store lacks and loads the rest behind; `prefetch` starts loading the stored
-decode, extend, copy and move programs in the background; and a lazy engine's first call of a decode
-program compiles it with its family (`_compile_decode_family`). `copy_targets` pads the block copy's
+first-token, decode, extend, copy and move programs in the background; and a lazy engine's first call of
+a decode program compiles it with its family (`_compile_decode_family`). `copy_targets` pads the block copy's
 destinations to the slot count, so one copy program serves any number of them.
 """
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from engine.device_state import dummy_rows, prefill_key
+from engine.device_state import dummy_rows, first_rows, first_width, prefill_key
 from engine.extend import dummy_extend_rows
 from engine.programs import compile_all
 
@@ -22,7 +24,7 @@ class ProgramSet:
                  score: bool = False, extend: tuple[int, ...] | None = None) -> list:
         """(program, key, example args) of every program the engine can run: each (window, width) decode,
         with `extend` (prefix reuse on: its suffix buckets) each extend, the block copy and the row move
-        (a slot's move is both), and each
+        (a slot's move is both), each first-token width, and each
         (bucket, rows) prefill (with `score`, its scoring variant too). Slowest to compile first (decode,
         extend, then the larger shapes), so a parallel `compile_all` ends on short programs."""
         out = []
@@ -37,6 +39,10 @@ class ProgramSet:
             out.append((self._extend, bucket, (self.params, self.state, rows, blocks)))
         out.append((self._copy, (), (self.state.cache, np.int32(0), *copy_targets([], self.ecfg.max_slots))))
         out.append((self._move, (), (self.state, np.int32(0), np.int32(0))))
+        for width in sorted(self.first_widths, reverse=True):
+            logits = jax.ShapeDtypeStruct((width, self.cfg.padded_vocab_size), jnp.float32,
+                                          sharding=self.logits_sharding)
+            out.append((self._first, width, (self.state, logits, np.full(width, self.ecfg.max_slots, np.int32))))
         data = self.mesh.shape["data"]
         for bucket in sorted(buckets, reverse=True):
             for size in sorted(self.ecfg.prefill_batch_sizes(bucket, data), reverse=True):
@@ -48,11 +54,12 @@ class ProgramSet:
         return out
 
     def prefetch(self, windows: tuple[int, ...], widths: tuple[int, ...], extend: tuple[int, ...] | None) -> None:
-        """Start loading the stored decode, extend, copy and move programs in the background, in that order
-        (`Program.prefetch`): every job needs some of them right after its first prefill, and a lazy
-        start would load each one then; prefill programs (one per bucket x rows, a job meets a few) load
-        on first use."""
-        for program, key, _ in self.programs((), windows, widths, extend=extend):
+        """Start loading the stored first-token, decode, extend, copy and move programs in the background, in
+        that order (`Program.prefetch`): every job needs some of them with or right after its first prefill,
+        and a lazy start would load each one then; prefill programs (one per bucket x rows, a job meets a
+        few) load on first use."""
+        programs = self.programs((), windows, widths, extend=extend)
+        for program, key, _ in sorted(programs, key=lambda r: r[0] is not self._first):  # stable: rest in order
             program.prefetch(key)
 
     def warmup(self, buckets: tuple[int, ...], windows: tuple[int, ...], widths: tuple[int, ...] = (),
@@ -79,7 +86,18 @@ class ProgramSet:
         width falls as requests end, compaction moves rows), and one by one they would compile in turn."""
         widths = [w for w in self.decode_widths if w <= width]
         family = self.programs((), (window,), tuple(widths) or (width,))
-        compile_all([r for r in family if r[0] is self._decode or width > 1])
+        compile_all([r for r in family if r[0] is self._decode or (width > 1 and r[0] is not self._first)])
+
+    def prompt_rows(self, prompts: int) -> np.ndarray:
+        """Row of each of a prefill call's `prompts` entries in what `prefill` returns."""
+        return first_rows(prompts, self.mesh.shape["data"], self.ecfg.max_slots)
+
+    @property
+    def first_widths(self) -> tuple[int, ...]:
+        """Every width of the first-token program a prefill or extend call can need."""
+        data = self.mesh.shape["data"]
+        return tuple(sorted({data * first_width(p, self.ecfg.max_slots // data)
+                             for p in range(1, self.ecfg.max_slots // data + 1)}))
 
     @property
     def decode_widths(self) -> tuple[int, ...]:
@@ -88,7 +106,8 @@ class ProgramSet:
 
     @property
     def num_compiled(self) -> int:
-        programs = (self._prefill, self._score_prefill, self._decode, self._move, self._extend, self._copy)
+        programs = (self._prefill, self._score_prefill, self._first, self._decode, self._move, self._extend,
+                    self._copy)
         return sum(len(p) for p in programs)
 
 

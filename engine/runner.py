@@ -2,8 +2,11 @@
 
 Programs (a fixed set, all compiled by `warmup`; `engine.program_set` lists them and gets them into memory):
   prefill(bucket T, rows B): the forward of up to P prompts packed end to end into B rows of T tokens
-      (attention stays inside each prompt), their K/V scattered into their slots, the per-slot sampling
-      state set, and each prompt's first token sampled, in one call;
+      (attention stays inside each prompt), their K/V written into their slots and the per-slot sampling
+      state set, in one call; it returns each prompt's last logits (padded to the first-token width W);
+  first-token(width W): right after each prefill or extend call, samples up to W slots' first tokens
+      from those logits and stores them; sampling is much of a small program's compile, so the prefill
+      and extend programs leave it to these few (W: a power of 4 up to the slots, `first_width`);
   decode(window W, width N): k steps (`lax.scan`) of slots [0, N), sampling on device, attending to cache
       positions [0, W) (whole KV blocks; each slot group only to the blocks its live slots reach, a
       per-call input); slot groups past N are left out and put back untouched, and a group N covers
@@ -13,8 +16,9 @@ Programs (a fixed set, all compiled by `warmup`; `engine.program_set` lists them
       number of live requests); one program for every pair of slots (the slot indices are inputs).
   extend(bucket T) (prefix caching only): prompts resumed after their cached blocks. Row i is slot i (as in
       decode), holding up to T of its prompt's remaining tokens, which attend to the slot's cache blocks in
-      place (the model's windowed path with T tokens per row; `engine.extend`); first tokens sampled and
-      per-slot state set as in prefill. One program per extend bucket, all slots, the whole context;
+      place (the model's windowed path with T tokens per row; `engine.extend`); per-slot state set as in
+      prefill, first tokens then sampled by the first-token program of width S. One program per extend
+      bucket, all slots, the whole context;
   copy: up to S - 1 destination slots each take their first blocks from one source slot (traced source,
       destinations and block counts: one program), cache only, for prefix-cache hits and n > 1 forks (all
       forks of a prompt in one call) and for a move's K/V (every configuration has it);
@@ -46,8 +50,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from engine.config import EngineConfig, GPT2Config
-from engine.device_state import (DecodeState, PrefillRows, Sampled, dummy_rows, mark_seen, move_row, neutral_params,
-                                 prefill_key, sample_step, state_axes, store_first)
+from engine.device_state import (DecodeState, PrefillRows, Sampled, dummy_rows, first_width, mark_seen, move_row,
+                                 neutral_params, prefill_key, sample_first, sample_step, state_axes, store_prompt)
 from engine.extend import ExtendRows
 from engine.kv_cache import KVCache, Runs, slot_groups
 from engine.processors import uses_penalties
@@ -58,6 +62,13 @@ from engine.scoring import Scored, score_packed
 from engine.sharding import make_mesh, manual_specs, named_sharding, per_shard, replicated, tree_shardings
 
 __all__ = ["DecodeState", "PrefillRows", "Runner", "Sampled", "dummy_rows", "neutral_params"]
+
+def _local_slots(slots, s: int):
+    """Inside a per-`data`-shard program: this shard's slots are [d * s, (d + 1) * s): local indices, any
+    other slot s (dropped)."""
+    slots = slots - jax.lax.axis_index("data") * s
+    return jnp.where((slots >= 0) & (slots < s), slots, s)
+
 
 # shard_map specs of the per-`data`-shard programs: dim 0 split over `data` (slots, rows, prompts), or whole.
 _DATA, _WHOLE, _DATA_DIM1 = PartitionSpec("data"), PartitionSpec(), PartitionSpec(None, "data")
@@ -84,15 +95,21 @@ class Runner(ProgramSet):
         self.state_shardings = tree_shardings(self.mesh, axes)
         self._state_spec = manual_specs(axes, _DATA_AXIS)  # per-`data`-shard programs: slots split
         outs = (self.state_shardings, replicated(self.mesh))
+        # Prefill and extend hand their last logits to the first-token program: rows stay on their shard.
+        self.logits_sharding = named_sharding(self.mesh, ("slots", "sampled_vocab"))
         self.state = self._initial_state(cache_dtype)
         store = self._store(executables)
         program = functools.partial(Program, store=store)
-        self._prefill = program("prefill", self._prefill_impl, donate_argnums=(1,), out_shardings=outs)
-        self._score_prefill = program("score-prefill", self._prefill_impl, donate_argnums=(1,), out_shardings=outs)
+        self._prefill = program("prefill", self._prefill_impl, donate_argnums=(1,),
+                                out_shardings=(self.state_shardings, self.logits_sharding))
+        self._score_prefill = program("score-prefill", self._prefill_impl, donate_argnums=(1,),
+                                      out_shardings=(self.state_shardings, (self.logits_sharding, outs[1])))
+        self._first = program("first-token", self._first_impl, donate_argnums=(0,), out_shardings=outs)
         self._decode = program("decode", self._decode_impl, donate_argnums=(1,), static_argnums=(2, 3),
                                out_shardings=outs)
         self._move = program("move", move_row, donate_argnums=(0,), out_shardings=self.state_shardings)
-        self._extend = program("extend", self._extend_impl, donate_argnums=(1,), out_shardings=outs)
+        self._extend = program("extend", self._extend_impl, donate_argnums=(1,),
+                               out_shardings=(self.state_shardings, self.logits_sharding))
         self._copy = program("copy", KVCache.copy_blocks, donate_argnums=(0,),
                              out_shardings=self.state_shardings.cache)
 
@@ -154,10 +171,7 @@ class Runner(ProgramSet):
 
     def _prefill_rows(self, params, state: DecodeState, rows: PrefillRows, top=None, manual: bool = False):
         p, v, s = rows.slots.shape[0], self.cfg.padded_vocab_size, state.tokens.shape[0]
-        slots = rows.slots
-        if manual:  # this shard's slots are [d * s, (d + 1) * s): local indices, any other slot dropped
-            slots = slots - jax.lax.axis_index("data") * s
-            slots = jnp.where((slots >= 0) & (slots < s), slots, s)
+        slots = _local_slots(rows.slots, s) if manual else rows.slots
         model = self._model(params)
         # Each prompt's K/V goes to its slot, the prompts that write first; a fork's entry (its tokens are
         # its leader's) and padding prompts (slot S) write nothing.
@@ -175,14 +189,24 @@ class Runner(ProgramSet):
             hidden = hidden.reshape(-1, hidden.shape[-1])
             scored = score_packed(hidden, head, rows.tokens, rows.segments, p, top)
             hidden = hidden[rows.last]
-        logits = head(hidden)
+        logits = jnp.pad(head(hidden), ((0, first_width(p, s) - p), (0, 0)))  # the first-token program's rows
         # The prompt's tokens count as seen (repetition penalty); padding tokens are segment P: dropped.
         seen = jnp.zeros((p, v), bool).at[rows.segments, rows.tokens].set(True, mode="drop")[rows.source]
-        counts = jnp.zeros((p, v), jnp.int32)
-        out = sample_step(logits, rows.params, seen, counts, rows.keys, jnp.zeros(p, jnp.int32),
-                          rows.wants_logprobs, rows.banned)
-        state = store_first(state, cache, rows, out, seen, counts, slots)
-        return state, (out if scored is None else (out, scored))
+        state = store_prompt(state, cache, rows, seen, slots)
+        return state, (logits if scored is None else (logits, scored))
+
+    def _first_impl(self, state: DecodeState, logits, slots):
+        """The first-token program (`sample_first`); with slots over `data`, per data shard, as prefill."""
+        self.trace_count += 1
+        if self.mesh.shape["data"] == 1:
+            return sample_first(state, self._full_vocab(logits, "slots"), slots)
+
+        def shard(state, logits, slots):
+            local = _local_slots(slots, state.tokens.shape[0])
+            return sample_first(state, self._full_vocab(logits, "slots", True), local)
+
+        return per_shard(shard, self.mesh, (self._state_spec, _DATA, _DATA), (self._state_spec, _DATA),
+                         _DATA_AXIS)(state, logits, slots)
 
     def _extend_impl(self, params, state: DecodeState, rows: ExtendRows, blocks):
         self.trace_count += 1
@@ -201,10 +225,7 @@ class Runner(ProgramSet):
         # Only this call's tokens count as seen: requests with a repetition penalty never extend.
         marked = jnp.where(rows.positions < self.max_len, rows.tokens, v)  # padding: dropped
         seen = jnp.zeros((s, v), bool).at[jnp.arange(s)[:, None], marked].set(True, mode="drop")
-        counts = jnp.zeros((s, v), jnp.int32)
-        out = sample_step(logits, rows.params, seen, counts, rows.keys, jnp.zeros(s, jnp.int32), rows.wants_logprobs,
-                          rows.banned)
-        return store_first(state, cache, rows, out, seen, counts, rows.slots), out
+        return store_prompt(state, cache, rows, seen, rows.slots), logits
 
     def _decode_impl(self, params, state: DecodeState, window: int, width: int, blocks, live):
         """k steps of slots [0, width): the others are sliced off first and put back untouched after.
@@ -252,20 +273,31 @@ class Runner(ProgramSet):
         return jax.lax.scan(step, state, None, length=self.ecfg.decode_steps)
 
     def prefill(self, rows: PrefillRows) -> Sampled:
-        """Run one prefill call; returns device arrays [B] (and [B, N] for the logprobs)."""
-        self.state, out = self._prefill(prefill_key(rows), self.params, self.state, rows)
-        return out
+        """Run one prefill call and its first-token call; returns device arrays [W] (and [W, N] for the
+        logprobs), prompt i's at row `prompt_rows(P)[i]`."""
+        self.state, logits = self._prefill(prefill_key(rows), self.params, self.state, rows)
+        return self._sample_first(logits, rows.slots)
 
     def score_prefill(self, rows: PrefillRows, top: int = MAX_LOGPROBS) -> tuple[Sampled, Scored]:
         """`prefill`, also scoring every prompt token (`engine.scoring.Scored`, device arrays [B*T, ...]);
         `top`: the largest prompt_logprobs N of the call (top entries beyond it are not computed)."""
-        self.state, out = self._score_prefill(prefill_key(rows), self.params, self.state, rows, np.int32(top))
-        return out
+        self.state, (logits, scored) = self._score_prefill(prefill_key(rows), self.params, self.state, rows,
+                                                           np.int32(top))
+        return self._sample_first(logits, rows.slots), scored
 
     def extend(self, rows: ExtendRows) -> Sampled:
-        """Run one extend call; returns device arrays [S] (and [S, N]) indexed by slot."""
+        """Run one extend call and its first-token call; returns device arrays [S] (and [S, N]) indexed by slot."""
         blocks = np.asarray(self.state.cache.group_blocks(self.ecfg.max_slots, self.max_len, rows.reach), np.int32)
-        self.state, out = self._extend(rows.tokens.shape[1], self.params, self.state, rows, blocks)
+        self.state, logits = self._extend(rows.tokens.shape[1], self.params, self.state, rows, blocks)
+        return self._sample_first(logits, rows.slots)
+
+    def _sample_first(self, logits: jax.Array, slots: np.ndarray) -> Sampled:
+        """The first-token call after a prefill or extend: `slots` [P] (P prompts, data shard by data
+        shard) laid out as the `logits` rows [W] (each shard's part padded with slot S, dropped)."""
+        width, data = logits.shape[0], self.mesh.shape["data"]
+        padded = np.full((data, width // data), self.ecfg.max_slots, np.int32)
+        padded[:, : len(slots) // data] = np.asarray(slots, np.int32).reshape(data, -1)
+        self.state, out = self._first(width, self.state, logits, padded.reshape(-1))
         return out
 
     def copy(self, copies) -> None:

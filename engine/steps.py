@@ -143,7 +143,7 @@ class StepRunner:
         else:
             out = self.runner.prefill(rows)
         self.runner.copy(batch.forks)
-        return self._first_tokens(batch, out, batch.prompt_indices())
+        return self._first_tokens(batch, out, self.runner.prompt_rows(batch.capacity)[list(batch.prompt_indices())])
 
     def _extend(self, batch: ExtendBatch) -> list[Update]:
         self.runner.copy(batch.copies)

@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from engine import Engine, SamplingParams
 from engine.config import EngineConfig, GPT2Config, preset
+from engine.device_state import first_rows, first_width
 from engine.model import param_axes
 from engine.programs import compile_all
 from engine.sampling import MAX_LOGPROBS
@@ -148,6 +149,14 @@ def test_default_engine_is_one_device_with_the_same_layout(reference):
     assert_rules_applied(engine)
 
 
+def test_first_token_rows_pad_each_data_shards_prompts_to_a_power_of_four():
+    assert [first_width(p, 16) for p in (1, 2, 4, 5, 16)] == [1, 4, 4, 16, 16]
+    assert first_width(3, 2) == 2  # never more rows than the shard's slots
+    assert first_rows(3, 1, 16).tolist() == [0, 1, 2]
+    assert first_rows(4, 2, 8).tolist() == [0, 1, 4, 5]  # 2 prompts a shard, each shard's part 4 rows
+    assert first_rows(8, 8, 8).tolist() == list(range(8))
+
+
 @pytest.mark.parametrize("data,model", MESHES)
 def test_sharded_engine_matches_unsharded(tiny_model, reference, data, model):
     _, expected = reference
@@ -265,22 +274,24 @@ def _flops(compiled) -> float:
 def test_data_axis_splits_prefill_and_decode_work_with_no_kv_across_devices(tiny_model):
     """On data=8 each device prefills only its own slots' rows: a call of 8 rows costs each device about
     1/8 of what it costs one device (cost_analysis FLOPs are per device), and neither prefill nor decode
-    moves K/V, logits or activations between devices: the only collectives gather the sampled ids and
-    logprobs [P], [P, N] (prefill) and [k, S], [k, S, N] (decode)."""
+    moves K/V, logits or activations between devices: prefill has no collective at all (its logits stay on
+    their shard for the first-token program), and the only collectives gather the sampled ids and
+    logprobs [W], [W, N] (the first-token program after prefill) and [k, S], [k, S, N] (decode)."""
     opts = dict(ENGINE_OPTS, prefill_token_budget=8 * 16)
     one = Engine.from_pretrained(tiny_model, **opts)
     eight = Engine.from_pretrained(tiny_model, mesh=mesh_of(8, 1), **opts)
     key = (8, 16, 8)  # 8 rows of 16 tokens, 8 prompts
-    for engine, names in ((one, {"prefill"}), (eight, {"prefill", "decode"})):  # only what is compared
+    for engine, names in ((one, {"prefill"}), (eight, {"prefill", "decode", "first-token"})):  # the compared
         sc = engine.scheduler.config
         compile_all([(p, k, a) for p, k, a in engine.runner.programs(sc.prefill_buckets, sc.decode_windows,
                                                                       sc.decode_slot_counts)
-                     if p.name in names and (p.name == "decode" or k == key)])
+                     if p.name in names and (p.name != "prefill" or k == key)])
     assert key in one.runner._prefill and key in eight.runner._prefill
     ratio = _flops(one.runner._prefill._compiled[key]) / _flops(eight.runner._prefill._compiled[key])
     assert 7 <= ratio <= 8.5, ratio
     slots, steps, top = opts["max_slots"], opts["decode_steps"], MAX_LOGPROBS
-    prefill = _collective_shapes(eight.runner._prefill._compiled[key])
-    assert prefill and set(prefill) <= {(8,), (8, top)}, prefill
+    assert _collective_shapes(eight.runner._prefill._compiled[key]) == []
+    (first,) = eight.runner._first._compiled.values()  # width 8: one row per shard
+    assert _collective_shapes(first) and set(_collective_shapes(first)) <= {(8,), (8, top)}, _collective_shapes(first)
     (decode,) = eight.runner._decode._compiled.values()
     assert set(_collective_shapes(decode)) <= {(steps, slots), (steps, slots, top)}, _collective_shapes(decode)

@@ -31,14 +31,14 @@ def default_engine(tmp_path_factory):
 
 def test_default_configuration_compiles_the_documented_number_of_programs(default_engine):
     assert default_engine.engine_config == EngineConfig(kv_slot_groups=4)  # the default count, resolved
-    assert default_engine.num_programs == DEFAULT_PROGRAMS == 24
+    assert default_engine.num_programs == DEFAULT_PROGRAMS == 27
     off = EngineConfig(enable_prefix_caching=False)
     assert default_engine.engine_config.extend_buckets(128) == (32, 128) and off.extend_buckets(128) is None
 
 
 def test_warmup_compiles_every_program_once_and_reports_classes(tiny_engine):
     seconds = tiny_engine.warmup()  # the shared engine may be warm already: then nothing is left to compile
-    assert set(seconds) <= {"prefill", "decode", "move", "extend", "copy"}
+    assert set(seconds) <= {"prefill", "first-token", "decode", "move", "extend", "copy"}
     assert tiny_engine.runner.num_compiled == tiny_engine.num_programs
     assert tiny_engine.warmup() == {}  # a second warm-up finds every program compiled
 
