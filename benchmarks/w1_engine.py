@@ -4,7 +4,7 @@ checkouts back to back (e.g. `cd ../old && python ../main/benchmarks/w1_engine.p
 decode for the whole context only (what the engine does since 2026-12-03; a no-op there). `--scan-layers`
 runs the engine with `scan_layers=True`. `--lazy` skips `warmup()`: every workload runs once untimed first
 (compiling what it meets), for old checkouts whose warm-up compiles many more programs. `--repeat N` times
-each workload N times. Prints one JSON line."""
+each workload N times. `--prefill-buckets 16,64,256` sets `EngineConfig.prefill_buckets`. Prints one JSON line."""
 import json
 import os
 import sys
@@ -27,6 +27,8 @@ if "--one-window" in sys.argv:
 names, repeat = option("--workloads", "W1").split(","), int(option("--repeat", "1"))
 t0 = time.perf_counter()
 scan = {"scan_layers": True} if "--scan-layers" in sys.argv else {}
+if "--prefill-buckets" in sys.argv:
+    scan["prefill_buckets"] = tuple(int(b) for b in option("--prefill-buckets", "").split(","))
 engine = Engine.from_pretrained("gpt2", load_format="dummy", max_slots=64, decode_steps=16, max_seq_len=512, **scan)
 t1 = time.perf_counter()
 if "--lazy" in sys.argv:

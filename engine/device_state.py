@@ -124,7 +124,7 @@ def put_rows(slots, target, rows):
 
 
 def store_prompt(state: DecodeState, cache: KVCache, rows: PrefillRows | ExtendRows, seen, slots) -> DecodeState:
-    """The state after a prefill or extend call, but for the first tokens (`store_token` writes those): each
+    """The state after a prefill or extend call, but for the first tokens (`sample_first` writes those): each
     prompt's slot (`slots`, indices into `state`; out of range: dropped) takes its cache length, key,
     parameters, min_tokens bit set and seen tokens."""
     put = functools.partial(put_rows, slots)
