@@ -4,9 +4,10 @@ One request, end to end: `generate` validates and tokenizes every prompt first (
 anything runs), expands `n` into n requests with derived seeds, and queues them in the `Scheduler`. Each
 `step` then (1) asks the scheduler which waiting requests enter which free slots, grouped per prefill
 bucket, and runs one prefill program per group (prompt forward, K/V insert) and a first-token program
-after it (first tokens sampled on device); (2) runs one decode program that advances every live slot k tokens; (3) hands the returned int
-arrays to the scheduler, which appends tokens, detects eos / stop tokens / stop strings / length, and
-frees slots at once so the next step refills them. Text is detokenised incrementally per request.
+after it (first tokens sampled on device); (2) runs one decode program that advances every live slot k
+tokens; (3) hands the returned int arrays to the scheduler, which appends tokens, detects eos / stop
+tokens / stop strings / length, and frees slots at once so the next step refills them. Text is
+detokenised incrementally per request.
 With prefix caching (default), step (1) also forks identical prompts from one prefill and resumes prompts
 that start with cached K/V blocks after them (`engine.prefix_plan`); results are the same either way.
 Scoring (`score`, or `SamplingParams.prompt_logprobs` on any request) takes the same path: its prompts are

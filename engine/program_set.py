@@ -5,8 +5,8 @@
 first; `warmup` compiles or loads all of them ahead of time (in parallel), or with `background` compiles
 only what the executable store lacks and loads the rest behind; `prefetch` starts loading the stored
 first-token, decode, extend, copy and move programs in the background; and a lazy engine's first call of
-a decode program compiles it with its family (`_compile_decode_family`). `copy_targets` pads the block copy's
-destinations to the slot count, so one copy program serves any number of them.
+a decode program compiles it with its family (`_compile_decode_family`). `copy_targets` pads the block
+copy's destinations to the slot count, so one copy program serves any number of them.
 """
 from __future__ import annotations
 

@@ -63,6 +63,7 @@ from engine.sharding import make_mesh, manual_specs, named_sharding, per_shard, 
 
 __all__ = ["DecodeState", "PrefillRows", "Runner", "Sampled", "dummy_rows", "neutral_params"]
 
+
 def _local_slots(slots, s: int):
     """Inside a per-`data`-shard program: this shard's slots are [d * s, (d + 1) * s): local indices, any
     other slot s (dropped)."""
