@@ -294,11 +294,10 @@ class Runner(ProgramSet):
 
     def _sample_first(self, logits: jax.Array, slots: np.ndarray) -> Sampled:
         """The first-token call after a prefill or extend: `slots` [P] (P prompts, data shard by data
-        shard) laid out as the `logits` rows [W] (each shard's part padded with slot S, dropped)."""
-        width, data = logits.shape[0], self.mesh.shape["data"]
-        padded = np.full((data, width // data), self.ecfg.max_slots, np.int32)
-        padded[:, : len(slots) // data] = np.asarray(slots, np.int32).reshape(data, -1)
-        self.state, out = self._first(width, self.state, logits, padded.reshape(-1))
+        shard) placed at their `prompt_rows` of the `logits` rows [W], the rest slot S (dropped)."""
+        padded = np.full(logits.shape[0], self.ecfg.max_slots, np.int32)
+        padded[self.prompt_rows(len(slots))] = slots
+        self.state, out = self._first(logits.shape[0], self.state, logits, padded)
         return out
 
     def copy(self, copies) -> None:
