@@ -44,22 +44,24 @@ from engine.sharding import check_mesh, describe, make_mesh, param_sharding_fn
 from engine.steps import StepRunner
 from engine.tokenizer import GPT2_VOCAB_SIZE, Tokenizer
 from weights import checkpoint, hf
-from weights.loader import init_dummy, load_safetensors
+from weights.loader import abstract_params, init_dummy, load_safetensors
 
 LOAD_FORMATS = ("auto", "safetensors", "orbax", "dummy")
 log = logging.getLogger(__name__)
 
 
 def _gigabytes(tree) -> float:
-    """Bytes of every array in `tree` (whole arrays, over all their shards), in GB."""
-    return sum(a.nbytes for a in jax.tree.leaves(tree)) / 1e9
+    """Bytes of every array in `tree` (whole arrays, over all their shards; or their shapes), in GB."""
+    return sum(np.prod(a.shape, dtype=np.int64) * a.dtype.itemsize for a in jax.tree.leaves(tree)) / 1e9
 
 
 class Engine:
     def __init__(self, cfg: GPT2Config, graphdef, params, ecfg: EngineConfig, tokenizer: Tokenizer | None,
                  mesh: jax.sharding.Mesh | None = None, executables: str | None = None):
-        """`params` must already be placed on `mesh` (default: `ecfg.mesh`, else the first device).
-        `executables`: a folder to store compiled programs in and load them from (`Runner`)."""
+        """`params` must already be placed on `mesh` (default: `ecfg.mesh`, else the first device), or be
+        their `jax.ShapeDtypeStruct`s until `runner.bind` gets them (`from_pretrained`: the stored programs
+        load while the weights are read). `executables`: a folder to store compiled programs in and load
+        them from (`Runner`)."""
         # The checkpoint's positions bound the context: buckets and decode windows must fit inside it.
         ecfg = dataclasses.replace(ecfg, max_seq_len=min(ecfg.max_seq_len, cfg.n_positions))
         self.config, self.engine_config, self.tokenizer = cfg, ecfg, tokenizer
@@ -92,7 +94,8 @@ class Engine:
         read straight into its shard. `compile_cache` (default on): keep compiled programs in JAX's
         persistent cache (see `engine.compile_cache.enable_compilation_cache`; a path picks the folder) and this
         engine's executables in its `executables/` subfolder, loaded back by the next engine with the same
-        fingerprint without tracing (`engine.programs.ExecutableStore`)."""
+        fingerprint without tracing (`engine.programs.ExecutableStore`); the engine is built on the
+        parameters' shapes first, so those start loading in the background while the weights are read."""
         if load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format: expected one of {LOAD_FORMATS}, got {load_format!r}")
         cache = enable_compilation_cache(None if compile_cache is True else compile_cache) if compile_cache else None
@@ -104,14 +107,20 @@ class Engine:
         slot_groups(ecfg.max_slots, jmesh.shape["data"], ecfg.kv_slot_groups)  # fails before a weight is read
         jdtype, sharding_fn = jnp.dtype(ecfg.dtype), param_sharding_fn(jmesh)
         scan = ecfg.scan_layers
-        if load_format == "dummy":
-            graphdef, params = init_dummy(cfg, jdtype, sharding_fn=sharding_fn, scan_layers=scan)
-        elif load_format == "orbax":
-            graphdef, params = checkpoint.restore(folder, cfg, jdtype, sharding_fn, scan_layers=scan)
-        else:
-            graphdef, params = load_safetensors(hf.weight_files(folder), cfg, jdtype, sharding_fn, scan_layers=scan)
+        files = hf.weight_files(folder) if load_format not in ("dummy", "orbax") else None  # a missing file fails here
         tok = _load_tokenizer(tokenizer, folder, cfg)
-        return cls(cfg, graphdef, params, ecfg, tok, mesh=jmesh, executables=executables)
+        # The engine is built on the parameters' shapes first: its stored programs start loading in the
+        # background (`Runner.prefetch`) while the weights are read, then it takes the weights (`bind`).
+        graphdef, abstract = abstract_params(cfg, jdtype, sharding_fn, scan_layers=scan)
+        engine = cls(cfg, graphdef, abstract, ecfg, tok, mesh=jmesh, executables=executables)
+        if load_format == "dummy":
+            _, params = init_dummy(cfg, jdtype, sharding_fn=sharding_fn, scan_layers=scan)
+        elif load_format == "orbax":
+            _, params = checkpoint.restore(folder, cfg, jdtype, sharding_fn, scan_layers=scan)
+        else:
+            _, params = load_safetensors(files, cfg, jdtype, sharding_fn, scan_layers=scan)
+        engine.runner.bind(params)
+        return engine
 
     def _scheduler_config(self) -> SchedulerConfig:
         ecfg, data = self.engine_config, self.mesh.shape["data"]

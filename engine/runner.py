@@ -64,6 +64,12 @@ from engine.sharding import make_mesh, manual_specs, named_sharding, per_shard, 
 __all__ = ["DecodeState", "PrefillRows", "Runner", "Sampled", "dummy_rows", "neutral_params"]
 
 
+def _leaves(tree) -> list:
+    """(path, shape, dtype, sharding) of every array (or `jax.ShapeDtypeStruct`) in `tree`."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return [(jax.tree_util.keystr(k), a.shape, str(a.dtype), str(a.sharding)) for k, a in flat]
+
+
 def _local_slots(slots, s: int):
     """Inside a per-`data`-shard program: this shard's slots are [d * s, (d + 1) * s): local indices, any
     other slot s (dropped)."""
@@ -119,16 +125,18 @@ class Runner(ProgramSet):
         parameter's and state array's path, shape, dtype and sharding (what the programs are traced from)."""
         if folder is None:
             return None
-
-        def leaves(tree) -> list:
-            flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-            return [(jax.tree_util.keystr(k), a.shape, str(a.dtype), str(a.sharding)) for k, a in flat]
-
         devices = list(self.mesh.devices.flat)
         ecfg = dataclasses.replace(self.ecfg, kv_slot_groups=self.groups)  # unset and its value: one program set
         key = fingerprint(self.cfg, ecfg, dict(self.mesh.shape), [(d.platform, d.id) for d in devices],
-                          leaves(self.params), leaves(self.state))
+                          _leaves(self.params), _leaves(self.state))
         return ExecutableStore(folder, key, devices)
+
+    def bind(self, params: nnx.State) -> None:
+        """Take the parameters of a runner built on their `jax.ShapeDtypeStruct`s: the same paths, shapes,
+        dtypes and shardings (the programs and their store were made for those)."""
+        if _leaves(params) != _leaves(self.params):
+            raise ValueError("Runner.bind: the parameters differ from the shapes the runner was built on")
+        self.params = params
 
     def _initial_state(self, cache_dtype) -> DecodeState:
         s, v = self.ecfg.max_slots, self.cfg.padded_vocab_size

@@ -176,17 +176,29 @@ def test_an_engine_starts_loading_its_stored_decode_programs_in_the_background(s
     prefetch, gate = Prefetch(threads=1), threading.Event()
     monkeypatch.setattr(programs_module, "PREFETCH", prefetch)
     prefetch.submit(gate.wait)  # the loader waits first: what the engine queues stays pending until the gate
+    queued, read = [], engine_module.load_safetensors
+    monkeypatch.setattr(engine_module, "load_safetensors", lambda *a, **k: (queued.append(prefetch._queue.qsize()),
+                                                                              read(*a, **k))[1])
     second = _small_engine(*small_model)
     runner = second.runner
-    programs = {p.name: p for p in (runner._decode, runner._prefill, runner._copy, runner._move)}
+    programs = {p.name: p for p in (runner._decode, runner._prefill, runner._copy, runner._move, runner._first)}
     pending = {(p.name, k): f for p in programs.values() for k, f in p._pending.items()}
-    assert {name for name, _ in pending} == {"decode", "copy", "move"}  # prefill loads on first use
+    assert {name for name, _ in pending} == {"first-token", "decode", "copy", "move"}  # prefill: on first use
+    assert queued == [len(pending)]  # every load was queued before the weights were read
     gate.set()
     assert all(f.result(timeout=60) is not None for f in pending.values())
     assert all(k in programs[name] for name, k in pending)  # each took its place among the executables
     assert not any(p._pending for p in programs.values())
     assert run(second) == expected and runner.trace_count == 0
     prefetch.stop()
+
+
+def test_a_runner_takes_only_the_parameters_it_was_built_on(small_model):
+    engine = _small_engine(*small_model)
+    params = engine.runner.params
+    with pytest.raises(ValueError, match="differ from the shapes"):
+        engine.runner.bind(jax.tree.map(lambda a: a.astype(jax.numpy.bfloat16), params))
+    engine.runner.bind(params)
 
 
 @pytest.mark.usefixtures("warm_jax_cache")

@@ -146,6 +146,20 @@ def abstract_model(cfg: GPT2Config, dtype, scan_layers: bool = False) -> tuple[n
     return nnx.split(nnx.eval_shape(lambda: GPT2(cfg, dtype, scan_layers=scan_layers)))
 
 
+def abstract_params(cfg: GPT2Config, dtype, sharding_fn: ShardingFn | None = None, scan_layers: bool = False):
+    """(graphdef, state of `jax.ShapeDtypeStruct`s) with the shapes, dtype and shardings the loaders give each
+    parameter (`sharding_fn`, else the first device), before any weight is read."""
+    graphdef, abstract = abstract_model(cfg, dtype, scan_layers)
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def place(path: tuple, leaf) -> jax.ShapeDtypeStruct:
+        name, shape = _path_str(_keys(path)), tuple(leaf.shape)
+        sharding = sharding_fn(name, shape) if sharding_fn else default
+        return jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=sharding)
+
+    return graphdef, jax.tree_util.tree_map_with_path(place, abstract)
+
+
 def load_safetensors(files: list[Path], cfg: GPT2Config, dtype, sharding_fn: ShardingFn | None = None,
                      scan_layers: bool = False):
     """Read an HF checkpoint into (graphdef, state), each array placed per `sharding_fn(path, shape)`
