@@ -70,6 +70,11 @@ def _leaves(tree) -> list:
     return [(jax.tree_util.keystr(k), a.shape, str(a.dtype), str(a.sharding)) for k, a in flat]
 
 
+def _shapes(tree) -> bool:
+    """Whether `tree` holds `jax.ShapeDtypeStruct`s (a runner built before its weights) rather than arrays."""
+    return any(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(tree))
+
+
 def _local_slots(slots, s: int):
     """Inside a per-`data`-shard program: this shard's slots are [d * s, (d + 1) * s): local indices, any
     other slot s (dropped)."""
@@ -87,8 +92,11 @@ class Runner(ProgramSet):
 
     def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, cfg: GPT2Config, ecfg: EngineConfig,
                  cache_dtype, mesh: jax.sharding.Mesh | None = None, executables: str | None = None):
-        """`params` must already be placed on `mesh` (default None: 1x1 on the first device). `executables`:
-        a folder where compiled programs are stored and loaded from (`engine.programs.ExecutableStore`)."""
+        """`params` must already be placed on `mesh` (default None: 1x1 on the first device), or be their
+        `jax.ShapeDtypeStruct`s (with shardings) until `bind` hands them over: the decode state (the KV
+        cache) is then only shapes too until `bind` allocates it, after the weights, as before.
+        `executables`: a folder where compiled programs are stored and loaded from
+        (`engine.programs.ExecutableStore`)."""
         self.graphdef, self.params, self.cfg, self.ecfg = graphdef, params, cfg, ecfg
         self.mesh = make_mesh(mesh)
         self.max_len = min(ecfg.max_seq_len, cfg.n_positions)
@@ -104,7 +112,11 @@ class Runner(ProgramSet):
         outs = (self.state_shardings, replicated(self.mesh))
         # Prefill and extend hand their last logits to the first-token program: rows stay on their shard.
         self.logits_sharding = named_sharding(self.mesh, ("slots", "sampled_vocab"))
-        self.state = self._initial_state(cache_dtype)
+        self._cache_dtype = cache_dtype
+        initial = functools.partial(self._initial_state, cache_dtype)
+        self.state = initial() if not _shapes(params) else jax.tree.map(
+            lambda a, sharding: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+            jax.eval_shape(initial), self.state_shardings)
         store = self._store(executables)
         program = functools.partial(Program, store=store)
         self._prefill = program("prefill", self._prefill_impl, donate_argnums=(1,),
@@ -132,11 +144,13 @@ class Runner(ProgramSet):
         return ExecutableStore(folder, key, devices)
 
     def bind(self, params: nnx.State) -> None:
-        """Take the parameters of a runner built on their `jax.ShapeDtypeStruct`s: the same paths, shapes,
-        dtypes and shardings (the programs and their store were made for those)."""
+        """Take the parameters of a runner built on their `jax.ShapeDtypeStruct`s (the same paths, shapes,
+        dtypes and shardings: the programs and their store were made for those), and allocate its state."""
         if _leaves(params) != _leaves(self.params):
             raise ValueError("Runner.bind: the parameters differ from the shapes the runner was built on")
         self.params = params
+        if _shapes(self.state):
+            self.state = self._initial_state(self._cache_dtype)
 
     def _initial_state(self, cache_dtype) -> DecodeState:
         s, v = self.ecfg.max_slots, self.cfg.padded_vocab_size

@@ -201,6 +201,26 @@ def test_a_runner_takes_only_the_parameters_it_was_built_on(small_model):
     engine.runner.bind(params)
 
 
+@pytest.mark.parametrize("mesh", [None, "data=2,model=2"])
+def test_a_runner_built_on_shapes_keys_its_store_and_lays_out_its_state_as_one_built_on_arrays(mesh, tmp_path):
+    """`from_pretrained` builds the runner before the weights: its programs' store (whose fingerprint hashes
+    every parameter's and state array's sharding) must be the one a runner of the same arrays uses."""
+    from engine.config import GPT2Config
+    from engine.runner import Runner, _leaves
+    from engine.sharding import make_mesh, param_sharding_fn
+    from weights.loader import abstract_params, init_dummy
+    cfg, ecfg = GPT2Config(n_layer=2, n_head=4, n_embd=64), EngineConfig(max_slots=8, max_seq_len=256)
+    jmesh = make_mesh(mesh, jax.devices()[:4])
+    shard = param_sharding_fn(jmesh)
+    graphdef, shapes = abstract_params(cfg, np.float32, shard)
+    _, params = init_dummy(cfg, np.float32, sharding_fn=shard)
+    early, built = (Runner(graphdef, p, cfg, ecfg, np.float32, mesh=jmesh, executables=str(tmp_path))
+                    for p in (shapes, params))
+    assert early._decode.store.folder == built._decode.store.folder
+    early.bind(params)
+    assert _leaves(early.state) == _leaves(built.state) and not early.state.tokens.any()
+
+
 @pytest.mark.usefixtures("warm_jax_cache")
 def test_a_background_warmup_compiles_what_the_store_lacks_and_loads_the_rest_behind(small_model):
     first, run = _stored_run(*small_model, seed=4)
