@@ -5,10 +5,14 @@
 first; `warmup` compiles or loads all of them ahead of time (in parallel), or with `background` compiles
 only what the executable store lacks and loads the rest behind; `prefetch` starts loading the stored
 first-token, decode, extend, copy and move programs in the background; and a lazy engine's first call of
-a decode program compiles it with its family (`_compile_decode_family`). `copy_targets` pads the block
-copy's destinations to the slot count, so one copy program serves any number of them.
+a decode program compiles it with its family (`_compile_decode_family`). `_store` is the executable store
+keyed by everything the programs are traced from (`leaves`: every parameter's and state array's path,
+shape, dtype and sharding, the same for arrays and their `jax.ShapeDtypeStruct`s). `copy_targets` pads
+the block copy's destinations to the slot count, so one copy program serves any number of them.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +20,7 @@ import numpy as np
 
 from engine.device_state import dummy_rows, first_rows, first_width, prefill_key
 from engine.extend import dummy_extend_rows
-from engine.programs import compile_all
+from engine.programs import ExecutableStore, compile_all, fingerprint
 
 
 class ProgramSet:
@@ -88,6 +92,17 @@ class ProgramSet:
         family = self.programs((), (window,), tuple(widths) or (width,))
         compile_all([r for r in family if r[0] is self._decode or (width > 1 and r[0] is not self._first)])
 
+    def _store(self, folder: str | None) -> ExecutableStore | None:
+        """The store for this runner's programs: keyed by the configs, the mesh's devices and every
+        parameter's and state array's path, shape, dtype and sharding (what the programs are traced from)."""
+        if folder is None:
+            return None
+        devices = list(self.mesh.devices.flat)
+        ecfg = dataclasses.replace(self.ecfg, kv_slot_groups=self.groups)  # unset and its value: one program set
+        key = fingerprint(self.cfg, ecfg, dict(self.mesh.shape), [(d.platform, d.id) for d in devices],
+                          leaves(self.params), leaves(self.state))
+        return ExecutableStore(folder, key, devices)
+
     def prompt_rows(self, prompts: int) -> np.ndarray:
         """Row of each of a prefill call's `prompts` entries in what `prefill` returns."""
         return first_rows(prompts, self.mesh.shape["data"], self.ecfg.max_slots)
@@ -118,3 +133,9 @@ def copy_targets(targets: list[tuple[int, int]], num_slots: int) -> tuple[np.nda
     for i, (dst, count) in enumerate(targets):
         dsts[i], counts[i] = dst, count
     return dsts, counts, np.int32(len(targets))
+
+
+def leaves(tree) -> list:
+    """(path, shape, dtype, sharding) of every array (or `jax.ShapeDtypeStruct`) in `tree`."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return [(jax.tree_util.keystr(k), a.shape, str(a.dtype), str(a.sharding)) for k, a in flat]

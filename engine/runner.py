@@ -55,19 +55,13 @@ from engine.device_state import (DecodeState, PrefillRows, Sampled, dummy_rows, 
 from engine.extend import ExtendRows
 from engine.kv_cache import KVCache, Runs, slot_groups
 from engine.processors import uses_penalties
-from engine.program_set import ProgramSet, copy_targets
-from engine.programs import ExecutableStore, Program, fingerprint
+from engine.program_set import ProgramSet, copy_targets, leaves
+from engine.programs import Program
 from engine.sampling import MAX_LOGPROBS, MinTokensBan, SlotParams
 from engine.scoring import Scored, score_packed
 from engine.sharding import make_mesh, manual_specs, named_sharding, per_shard, replicated, tree_shardings
 
 __all__ = ["DecodeState", "PrefillRows", "Runner", "Sampled", "dummy_rows", "neutral_params"]
-
-
-def _leaves(tree) -> list:
-    """(path, shape, dtype, sharding) of every array (or `jax.ShapeDtypeStruct`) in `tree`."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return [(jax.tree_util.keystr(k), a.shape, str(a.dtype), str(a.sharding)) for k, a in flat]
 
 
 def _shapes(tree) -> bool:
@@ -132,21 +126,10 @@ class Runner(ProgramSet):
         self._copy = program("copy", KVCache.copy_blocks, donate_argnums=(0,),
                              out_shardings=self.state_shardings.cache)
 
-    def _store(self, folder: str | None) -> ExecutableStore | None:
-        """The store for this runner's programs: keyed by the configs, the mesh's devices and every
-        parameter's and state array's path, shape, dtype and sharding (what the programs are traced from)."""
-        if folder is None:
-            return None
-        devices = list(self.mesh.devices.flat)
-        ecfg = dataclasses.replace(self.ecfg, kv_slot_groups=self.groups)  # unset and its value: one program set
-        key = fingerprint(self.cfg, ecfg, dict(self.mesh.shape), [(d.platform, d.id) for d in devices],
-                          _leaves(self.params), _leaves(self.state))
-        return ExecutableStore(folder, key, devices)
-
     def bind(self, params: nnx.State) -> None:
         """Take the parameters of a runner built on their `jax.ShapeDtypeStruct`s (the same paths, shapes,
         dtypes and shardings: the programs and their store were made for those), and allocate its state."""
-        if _leaves(params) != _leaves(self.params):
+        if leaves(params) != leaves(self.params):
             raise ValueError("Runner.bind: the parameters differ from the shapes the runner was built on")
         self.params = params
         if _shapes(self.state):

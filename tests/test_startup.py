@@ -206,7 +206,8 @@ def test_a_runner_built_on_shapes_keys_its_store_and_lays_out_its_state_as_one_b
     """`from_pretrained` builds the runner before the weights: its programs' store (whose fingerprint hashes
     every parameter's and state array's sharding) must be the one a runner of the same arrays uses."""
     from engine.config import GPT2Config
-    from engine.runner import Runner, _leaves
+    from engine.program_set import leaves
+    from engine.runner import Runner
     from engine.sharding import make_mesh, param_sharding_fn
     from weights.loader import abstract_params, init_dummy
     cfg, ecfg = GPT2Config(n_layer=2, n_head=4, n_embd=64), EngineConfig(max_slots=8, max_seq_len=256)
@@ -218,7 +219,7 @@ def test_a_runner_built_on_shapes_keys_its_store_and_lays_out_its_state_as_one_b
                     for p in (shapes, params))
     assert early._decode.store.folder == built._decode.store.folder
     early.bind(params)
-    assert _leaves(early.state) == _leaves(built.state) and not early.state.tokens.any()
+    assert leaves(early.state) == leaves(built.state) and not early.state.tokens.any()
 
 
 @pytest.mark.usefixtures("warm_jax_cache")
