@@ -22,7 +22,7 @@ from flax import nnx
 from engine.config import GPT2Config
 from engine.model import is_stacked
 from weights.hf import CheckpointError
-from weights.loader import ShardingFn, _keys, _path_str, abstract_model
+from weights.loader import ShardingFn, _keys, _path_str, abstract_model, placer
 
 ORBAX_DIR = "orbax"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
@@ -60,12 +60,7 @@ def restore(folder: str | Path, cfg: GPT2Config, dtype, sharding_fn: ShardingFn 
 
     path = Path(folder).expanduser().resolve() / ORBAX_DIR
     graphdef, abstract = abstract_model(cfg, dtype, scan_layers)
-    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-
-    def target(key_path, leaf) -> jax.ShapeDtypeStruct:
-        name, shape = _path_str(_keys(key_path)), tuple(leaf.shape)
-        sharding = sharding_fn(name, shape) if sharding_fn else default
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+    target = placer(dtype, sharding_fn)
 
     with ocp.StandardCheckpointer() as checkpointer:
         stored = _stored(path, checkpointer)

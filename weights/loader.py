@@ -146,10 +146,9 @@ def abstract_model(cfg: GPT2Config, dtype, scan_layers: bool = False) -> tuple[n
     return nnx.split(nnx.eval_shape(lambda: GPT2(cfg, dtype, scan_layers=scan_layers)))
 
 
-def abstract_params(cfg: GPT2Config, dtype, sharding_fn: ShardingFn | None = None, scan_layers: bool = False):
-    """(graphdef, state of `jax.ShapeDtypeStruct`s) with the shapes, dtype and shardings the loaders give each
-    parameter (`sharding_fn`, else the first device), before any weight is read."""
-    graphdef, abstract = abstract_model(cfg, dtype, scan_layers)
+def placer(dtype, sharding_fn: ShardingFn | None = None) -> Callable:
+    """`(pytree path, leaf) -> jax.ShapeDtypeStruct`: where every loader puts a parameter (its shape, `dtype`
+    and `sharding_fn(name, shape)`, else the first device)."""
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
     def place(path: tuple, leaf) -> jax.ShapeDtypeStruct:
@@ -157,7 +156,14 @@ def abstract_params(cfg: GPT2Config, dtype, sharding_fn: ShardingFn | None = Non
         sharding = sharding_fn(name, shape) if sharding_fn else default
         return jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=sharding)
 
-    return graphdef, jax.tree_util.tree_map_with_path(place, abstract)
+    return place
+
+
+def abstract_params(cfg: GPT2Config, dtype, sharding_fn: ShardingFn | None = None, scan_layers: bool = False):
+    """(graphdef, state of `jax.ShapeDtypeStruct`s) placed as the loaders place the parameters (`placer`),
+    before any weight is read."""
+    graphdef, abstract = abstract_model(cfg, dtype, scan_layers)
+    return graphdef, jax.tree_util.tree_map_with_path(placer(dtype, sharding_fn), abstract)
 
 
 def load_safetensors(files: list[Path], cfg: GPT2Config, dtype, sharding_fn: ShardingFn | None = None,
@@ -165,19 +171,17 @@ def load_safetensors(files: list[Path], cfg: GPT2Config, dtype, sharding_fn: Sha
     """Read an HF checkpoint into (graphdef, state), each array placed per `sharding_fn(path, shape)`
     (`scan_layers`: the stacked layout, each layer read from its own HF tensors)."""
     src = _Source(files, cfg)
-    graphdef, abstract = abstract_model(cfg, dtype, scan_layers)
-    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    graphdef, placed = abstract_params(cfg, dtype, sharding_fn, scan_layers)
 
-    def build(path: tuple, leaf) -> jax.Array:
-        name, shape = _path_str(path), tuple(leaf.shape)
-        sharding = sharding_fn(name, shape) if sharding_fn else default
+    def build(path: tuple, target: jax.ShapeDtypeStruct) -> jax.Array:
+        name, shape = _path_str(_keys(path)), target.shape
 
         def callback(index):
-            return _read_param(src, name, shape, index, cfg).astype(jnp.dtype(dtype), copy=False)
+            return _read_param(src, name, shape, index, cfg).astype(target.dtype, copy=False)
 
-        return jax.make_array_from_callback(shape, sharding, callback)
+        return jax.make_array_from_callback(shape, target.sharding, callback)
 
-    return graphdef, jax.tree_util.tree_map_with_path(lambda p, x: build(_keys(p), x), abstract)
+    return graphdef, jax.tree_util.tree_map_with_path(build, placed)
 
 
 def _keys(path) -> tuple:
@@ -193,21 +197,20 @@ def init_dummy(cfg: GPT2Config, dtype, seed: int = 0, sharding_fn: ShardingFn | 
     NumPy per parameter (one stream per name and `seed`) and placed shard by shard: no program is
     compiled, so a dummy gpt2 loads in about a second. For benchmarks and tests. The same
     seed gives the same weights in either layout (`scan_layers`)."""
-    graphdef, abstract = abstract_model(cfg, dtype, scan_layers)
-    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    graphdef, placed = abstract_params(cfg, dtype, sharding_fn, scan_layers)
 
-    def build(path: tuple, leaf) -> jax.Array:
-        name, shape = _path_str(path), tuple(leaf.shape)
+    def build(path: tuple, target: jax.ShapeDtypeStruct) -> jax.Array:
+        name, shape = _path_str(_keys(path)), target.shape
         full = []  # drawn once, at the first shard's request
 
         def callback(index):
             if not full:
-                full.append(_dummy_param(name, shape, seed).astype(jnp.dtype(dtype), copy=False))
+                full.append(_dummy_param(name, shape, seed).astype(target.dtype, copy=False))
             return full[0][index]
 
-        return jax.make_array_from_callback(shape, sharding_fn(name, shape) if sharding_fn else default, callback)
+        return jax.make_array_from_callback(shape, target.sharding, callback)
 
-    return graphdef, jax.tree_util.tree_map_with_path(lambda p, x: build(_keys(p), x), abstract)
+    return graphdef, jax.tree_util.tree_map_with_path(build, placed)
 
 
 def _dummy_param(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
