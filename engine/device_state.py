@@ -21,6 +21,7 @@ from engine.extend import ExtendRows
 from engine.kv_cache import CACHE_AXES, KVCache
 from engine.processors import process_logits, sample, top_logprobs
 from engine.sampling import MAX_LOGPROBS, SamplingParams, SlotParams, slot_params
+from engine.slicing import index_in, put_index
 
 
 @jax.tree_util.register_dataclass
@@ -110,10 +111,10 @@ def prefill_key(rows: PrefillRows) -> tuple[int, int, int]:
 
 def move_row(state: DecodeState, src, dst) -> DecodeState:
     """Row dst of every per-slot array (dim 0) takes row src, in place, the cache's lengths included; the
-    cache's K/V pass through untouched (their rows move by the block copy, `KVCache.copy_blocks`, one
+    cache's K/V pass through untouched (their rows move by the block copy, `engine.kv_copy.copy_blocks`, one
     program for both jobs: the K/V arrays are hundreds of buffers, each a kernel of its own)."""
     def row(a: jax.Array) -> jax.Array:
-        return jax.lax.dynamic_update_index_in_dim(a, jax.lax.dynamic_index_in_dim(a, src, 0), dst, 0)
+        return put_index(a, index_in(a, src, 0), dst, 0)
 
     rest = jax.tree.map(row, dataclasses.replace(state, cache=None))
     return dataclasses.replace(rest, cache=dataclasses.replace(state.cache, lengths=row(state.cache.lengths)))

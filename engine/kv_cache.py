@@ -21,7 +21,7 @@ Writes: prefill and extend copy each prompt's K/V block by block into its slot (
 slices, one compiled kernel shared by every layer, group and block); decode puts each row's one token
 into its own slot (`write`: a loop over the rows, an update slice per block, shared kernels likewise);
 extend with the slots over `data` scatters each row's tokens into its own slot (`write`: one scatter
-per group and block array).
+per group and block array). Copies of a slot's blocks into other slots: `engine.kv_copy`.
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from engine.config import GPT2Config
+from engine.slicing import index_in, put_slice, take_slice, when
 
 BLOCK = 128  # cache positions per block array
 GROUPS = 4  # slot groups per layer when kv_slot_groups is unset and the slots are not split over devices
@@ -64,7 +65,7 @@ class Runs(NamedTuple):
 def at_layer(blocks, layer) -> tuple[jax.Array, ...]:
     """One layer's slice (index in the slab: traced, or 0 for a one-layer slab) of each block array:
     [S/G, H, block, K]."""
-    return tuple(jax.lax.dynamic_index_in_dim(b, layer, 0, keepdims=False) for b in blocks)
+    return tuple(index_in(b, layer, 0, keepdims=False) for b in blocks)
 
 
 def block_size(max_len: int) -> int:
@@ -204,36 +205,16 @@ class KVCache:
         identical ones, so a prefill or extend program held layers x groups x blocks x 2 of them (most of
         its compile time and of its code mappings); these slice kernels are the same in every layer,
         group and block, compiled once."""
-        slab, index = self._locate(layer)
+        slab, layer_at = self._locate(layer)
         size, tokens = self.block, k.shape[2]
         span, count = min(tokens, size), min(len(self.k[slab][0]), math.ceil(limit / size))
         dtype = self.k[slab][0][0].dtype
         pad = ((0, 0), (0, 0), (0, span), (0, 0))  # a run's last block reads up to `span` past the row
         xk, xv = (jnp.pad(x.astype(dtype), pad) for x in (k, v))
-        starts = self.group_starts
-
-        def body(r, kv: tuple[Groups, Groups]) -> tuple[Groups, Groups]:
-            row, column, slot, length, start = (a[r] for a in runs[:5])
-            out_k, out_v = [], []
-            for g, (gk, gv) in enumerate(zip(*kv)):
-                local = slot - starts[g]
-                mine = (local >= 0) & (local < gk[0].shape[1])
-                gk, gv = list(gk), list(gv)
-                for b in range(count):
-                    first = b * size - start  # the run's token at this block's first position
-
-                    def put(pair, at=(row, 0, column + first, 0)):
-                        rows = (jax.lax.dynamic_slice(x, at, (1, x.shape[1], span, x.shape[3])) for x in (xk, xv))
-                        return tuple(jax.lax.dynamic_update_slice(a, u[None], (index, local, 0, 0, 0))
-                                     for a, u in zip(pair, rows))
-
-                    reached = mine & (first >= 0) & (first < length)
-                    gk[b], gv[b] = jax.lax.cond(reached, put, lambda pair: pair, (gk[b], gv[b]))
-                out_k.append(tuple(gk))
-                out_v.append(tuple(gv))
-            return tuple(out_k), tuple(out_v)
-
-        new_k, new_v = jax.lax.fori_loop(0, runs.count, body, (self.k[slab], self.v[slab]))
+        heads = tuple(tuple(g[:count] for g in groups) for groups in (self.k[slab], self.v[slab]))
+        (head_k, head_v), *_ = jax.lax.fori_loop(0, runs.count, _write_run, (heads, runs, xk, xv, layer_at))
+        new_k = tuple(h + g[count:] for h, g in zip(head_k, self.k[slab]))
+        new_v = tuple(h + g[count:] for h, g in zip(head_v, self.v[slab]))
         return dataclasses.replace(self, k=_swap(self.k, slab, new_k), v=_swap(self.v, slab, new_v))
 
     def _put_tokens(self, bk, bv, count: int, layer, positions, xk, xv):
@@ -241,22 +222,9 @@ class KVCache:
         blocks: a loop over the rows, and in it per block a `dynamic_update_slice` of the row's one position
         that writes back the old value unless the position is in that block (so one past them all is
         dropped). The slices are the same in every layer, group and block: one kernel, compiled once."""
-        size, (_, _, heads, _, dim) = self.block, bk[0].shape
         xk, xv = (x.astype(bk[0].dtype)[:, None, None] for x in (xk, xv))  # [n, 1, 1, H, 1, K]
-
-        def body(i, kv):
-            local = positions[i] - jnp.arange(count) * size
-            inside, at = (local >= 0) & (local < size), jnp.clip(local, 0, size - 1)
-            new = [xk[i], xv[i]]
-
-            def put(a, b, x):
-                where = (layer, i, 0, at[b], 0)
-                old = jax.lax.dynamic_slice(a, where, (1, 1, heads, 1, dim))
-                return jax.lax.dynamic_update_slice(a, jnp.where(inside[b], x, old), where)
-
-            return tuple(tuple(put(a, b, x) for b, a in enumerate(blocks)) for blocks, x in zip(kv, new))
-
-        head_k, head_v = jax.lax.fori_loop(0, positions.shape[0], body, (tuple(bk[:count]), tuple(bv[:count])))
+        carry = ((tuple(bk[:count]), tuple(bv[:count])), positions, xk, xv, layer)
+        (head_k, head_v), *_ = jax.lax.fori_loop(0, positions.shape[0], _put_token, carry)
         return head_k + tuple(bk[count:]), head_v + tuple(bv[count:])
 
     def _scatter(self, blocks: tuple[jax.Array, ...], count: int, layer, slots, positions,
@@ -306,45 +274,55 @@ class KVCache:
         return KVCache(tuple(map(put, self.k, head.k)), tuple(map(put, self.v, head.v)),
                        self.lengths.at[:width].set(head.lengths))
 
-    def copy_blocks(self, src, dsts, counts, n) -> KVCache:
-        """For i < n: slot dsts[i]'s first counts[i] blocks take slot src's (traced: src and n i32[],
-        dsts and counts i32[F]); lengths unchanged; no dst may be src. One call serves every destination
-        of a source (all forks of a prompt): src's rows are read once into rows of their own (`lax.switch`
-        on its group), then a loop over the n destinations writes each block row in place, a scatter per
-        group array (dropped outside the destination's group or past its count), all layers of a slab at
-        once. Writing a row sliced out
-        of the array being written would make XLA:CPU copy that whole array first (and a select over every
-        group streams the whole cache), so the reads come first."""
-        starts = self.group_starts  # every slab: same groups
-
-        def group_of(slot):
-            return sum((slot >= s).astype(jnp.int32) for s in starts[1:]) if starts[1:] else jnp.zeros_like(slot)
-
-        src_g, dst_g = group_of(src), group_of(dsts)
-        src_i, dst_i = src - jnp.asarray(starts)[src_g], dsts - jnp.asarray(starts)[dst_g]
-
-        def read(groups: Groups) -> list[jax.Array]:  # src's row of each block, [layers, 1, H, block, K]
-            return [jax.lax.switch(src_g, [lambda g=g, b=b: jax.lax.dynamic_index_in_dim(g[b], src_i, 1)
-                                           for g in groups]) for b in range(len(groups[0]))]
-
-        def write(groups: Groups, rows: list[jax.Array], i) -> Groups:
-            out = []
-            for g, blocks in enumerate(groups):
-                size = blocks[0].shape[1]
-                mine = dst_g[i] == g
-                index = [jnp.where(mine & (b < counts[i]), dst_i[i], size)[None] for b in range(len(blocks))]
-                out.append(tuple(a.at[:, j].set(row, mode="drop") for a, j, row in zip(blocks, index, rows)))
-            return tuple(out)
-
-        rows_k, rows_v = [read(g) for g in self.k], [read(g) for g in self.v]
-
-        def one(i, kv: tuple[Slabs, Slabs]) -> tuple[Slabs, Slabs]:
-            k, v = kv
-            return tuple(write(g, r, i) for g, r in zip(k, rows_k)), tuple(write(g, r, i) for g, r in zip(v, rows_v))
-
-        k, v = jax.lax.fori_loop(0, n, one, (self.k, self.v))
-        return KVCache(k, v, self.lengths)
-
 
 def _swap(slabs: Slabs, index: int, new: Groups) -> Slabs:
     return slabs[:index] + (new,) + slabs[index + 1:]
+
+
+def _write_run(r, carry):
+    """`write_runs`' loop body, at module level so that every layer's loop traces it once: run r into each
+    group's blocks it reaches (k, v: the first blocks of each group, in slot order)."""
+    (k, v), runs, xk, xv, layer = carry
+    row, column, slot, length, start = (a[r] for a in runs[:5])
+    out_k, out_v, first_slot = [], [], 0
+    for gk, gv in zip(k, v):
+        local = slot - first_slot
+        mine = (local >= 0) & (local < gk[0].shape[1])
+        gk, gv = list(gk), list(gv)
+        for b in range(len(gk)):
+            first = b * gk[b].shape[3] - start  # the run's token at this block's first position
+            reached, at = mine & (first >= 0) & (first < length), (row, column + first, layer, local)
+            gk[b], gv[b] = when(reached, _put_run, _keep, (gk[b], gv[b]), (xk, xv), at)
+        out_k.append(tuple(gk))
+        out_v.append(tuple(gv))
+        first_slot += gk[0].shape[1]
+    return (tuple(out_k), tuple(out_v)), runs, xk, xv, layer
+
+
+def _put_token(i, carry):
+    """`_put_tokens`' loop body, at module level so that every group and layer traces it once: row i's
+    token into each of its slot's blocks (k, v), the position's old value written back outside its block."""
+    (k, v), positions, xk, xv, layer = carry
+    _, _, heads, size, dim = k[0].shape
+    local = positions[i] - jnp.arange(len(k)) * size
+    inside, at = (local >= 0) & (local < size), jnp.clip(local, 0, size - 1)
+
+    def put(a, b, x):
+        where = (layer, i, 0, at[b], 0)
+        return put_slice(a, jnp.where(inside[b], x, take_slice(a, where, (1, 1, heads, 1, dim))), where)
+
+    kv = tuple(tuple(put(a, b, x[i]) for b, a in enumerate(blocks)) for blocks, x in ((k, xk), (v, xv)))
+    return kv, positions, xk, xv, layer
+
+
+def _put_run(blocks, rows, at):
+    """`write_runs`' cond: a run's whole block row from (row, column) of rows (k, v [B, H, T + span, K],
+    padded by span = min(T, block) positions) into (layer, slot) of blocks (its k, v block arrays)."""
+    row, column, layer, slot = at
+    span = min(rows[0].shape[2] // 2, blocks[0].shape[3])
+    new = (take_slice(x, (row, 0, column, 0), (1, x.shape[1], span, x.shape[3])) for x in rows)
+    return tuple(put_slice(a, u[None], (layer, slot, 0, 0, 0)) for a, u in zip(blocks, new))
+
+
+def _keep(blocks, rows, at):
+    return blocks

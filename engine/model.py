@@ -22,7 +22,6 @@ LayerNorm, softmax and logits are computed in float32 whatever the parameter dty
 """
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -31,6 +30,7 @@ from flax import nnx
 
 from engine.config import GPT2Config
 from engine.kv_cache import KVCache, Runs, at_layer
+from engine.slicing import when
 
 # Logical axis names of every parameter, declared once (engine.sharding maps them to mesh axes).
 PARAM_AXES: dict[str, tuple[str | None, ...]] = {
@@ -178,41 +178,35 @@ def _attend_groups(q, positions, k_groups, v_groups, blocks, layer) -> jax.Array
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
 
 
-def _when(pred, then, otherwise, x):
-    """then(x) if pred else otherwise(x): a `lax.cond` for a traced pred, a plain call for a Python bool."""
-    if isinstance(pred, bool):
-        return (then if pred else otherwise)(x)
-    return jax.lax.cond(pred, then, otherwise, x)
+def _scores(q, k_slab, layer):
+    return jnp.einsum("bhtk,bhwk->bhtw", q, at_layer((k_slab,), layer)[0], preferred_element_type=jnp.float32)
+
+
+def _unread(q, k_slab, layer):
+    return jnp.full(q.shape[:3] + (k_slab.shape[3],), _NEG, jnp.float32)
+
+
+def _values(p, v_slab, layer):
+    return jnp.einsum("bhtw,bhwk->bhtk", p, at_layer((v_slab,), layer)[0])
+
+
+def _nothing(p, v_slab, layer):
+    return jnp.zeros(p.shape[:3] + (v_slab.shape[4],), p.dtype)
 
 
 def _attend_blocks(q, q_pos, ks, vs, count, layer) -> jax.Array:
     """q [B,H,T,K] over the first `count` (traced) of the blocks ks/vs (each [layers, B, H, Wi, K]) at
-    `layer`; q_pos [B,T]. Returns [B,T,H,K] (zeros when count is 0)."""
-    b, h, t, _ = q.shape
-
-    def scores(i, q):
-        k = at_layer(ks[i: i + 1], layer)[0]
-        return jnp.einsum("bhtk,bhwk->bhtw", q, k, preferred_element_type=jnp.float32)
-
-    def unread(i, q):
-        return jnp.full((b, h, t, ks[i].shape[3]), _NEG, jnp.float32)
-
-    parts = [_when(i < count, functools.partial(scores, i), functools.partial(unread, i), q) for i in range(len(ks))]
+    `layer`; q_pos [B,T]. Returns [B,T,H,K] (zeros when count is 0). Each block's products are in a cond
+    of their own (`slicing.when`: the same branch functions every time, so each shape traces once)."""
+    parts = [when(i < count, _scores, _unread, q, k, layer) for i, k in enumerate(ks)]
     width = sum(k.shape[3] for k in ks)
     s = jnp.concatenate(parts, axis=-1) * (1.0 / jnp.sqrt(jnp.float32(q.shape[-1])))
     visible = jnp.arange(width, dtype=q_pos.dtype)[None, None, None, :] <= q_pos[:, None, :, None]
     probs = jax.nn.softmax(jnp.where(visible, s, _NEG), axis=-1).astype(vs[0].dtype)
-
-    def values(i, p):
-        return jnp.einsum("bhtw,bhwk->bhtk", p, at_layer(vs[i: i + 1], layer)[0])
-
-    def nothing(i, p):
-        return jnp.zeros((b, h, t, q.shape[-1]), p.dtype)
-
     out, start = None, 0
     for i, v in enumerate(vs):
         p = probs[..., start: start + v.shape[3]]
-        part = _when(i < count, functools.partial(values, i), functools.partial(nothing, i), p)
+        part = when(i < count, _values, _nothing, p, v, layer)
         out, start = part if out is None else out + part, start + v.shape[3]
     return out.transpose(0, 2, 1, 3)
 

@@ -54,6 +54,7 @@ from engine.device_state import (DecodeState, PrefillRows, Sampled, dummy_rows, 
                                  neutral_params, prefill_key, sample_first, sample_step, state_axes, store_prompt)
 from engine.extend import ExtendRows
 from engine.kv_cache import KVCache, Runs, slot_groups
+from engine.kv_copy import copy_blocks
 from engine.processors import uses_penalties
 from engine.program_set import ProgramSet, copy_targets, leaves
 from engine.programs import Program
@@ -123,7 +124,7 @@ class Runner(ProgramSet):
         self._move = program("move", move_row, donate_argnums=(0,), out_shardings=self.state_shardings)
         self._extend = program("extend", self._extend_impl, donate_argnums=(1,),
                                out_shardings=(self.state_shardings, self.logits_sharding))
-        self._copy = program("copy", KVCache.copy_blocks, donate_argnums=(0,),
+        self._copy = program("copy", copy_blocks, donate_argnums=(0,),
                              out_shardings=self.state_shardings.cache)
 
     def bind(self, params: nnx.State) -> None:

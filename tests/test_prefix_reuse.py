@@ -11,6 +11,7 @@ import pytest
 from engine import Engine, SamplingParams
 from engine.config import GPT2Config
 from engine.kv_cache import KVCache, Runs
+from engine.kv_copy import copy_blocks
 from engine.requests import derive_seed
 from engine.program_set import copy_targets
 from engine.sharding import make_mesh
@@ -191,7 +192,7 @@ def test_write_puts_each_rows_tokens_in_its_slot_and_drops_positions_past_the_li
 def test_one_copy_call_fills_every_destination_of_a_source_and_nothing_else(groups, stacked):
     cache = random_cache(groups, stacked)
     before = slots(cache)
-    out = jax.jit(KVCache.copy_blocks)(cache, np.int32(1), *copy_targets([(3, 2), (0, 3)], 4))
+    out = jax.jit(copy_blocks)(cache, np.int32(1), *copy_targets([(3, 2), (0, 3)], 4))
     want = before.copy()
     want[:, :, 3, :, :256], want[:, :, 0] = before[:, :, 1, :, :256], before[:, :, 1]
     np.testing.assert_array_equal(slots(out), want)
