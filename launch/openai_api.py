@@ -3,7 +3,7 @@
 Requests: `prompt` is a string, a list of strings, a list of token ids or a list of token-id lists;
 OpenAI's sampling fields (`max_tokens`, `temperature`, `top_p`, `n`, `stop`, `seed`, `presence_penalty`,
 `frequency_penalty`, `logprobs`, `echo`) plus the extras `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`,
-`stop_token_ids`, and vLLM's extra fields (`launch.vllm_api.split_extras`: `prompt_logprobs`, `min_tokens`,
+`stop_token_ids`, and vLLM's extra fields (`launch.vllm_fields.split_extras`: `prompt_logprobs`, `min_tokens`,
 ...). `echo` puts the prompt before each choice's text and its tokens' logprobs before the generated ones
 (`launch/completion_echo.py`; a stream echoes in each choice's first chunk); with echo, `max_tokens` may
 be 0 (the prompt alone). Features this engine lacks (`suffix`, `logit_bias`, `best_of != n`) are rejected
@@ -25,7 +25,7 @@ from engine.requests import Completion, TokenLogprob
 from engine.sampling import SamplingParams
 from engine.tokenizer import Tokenizer
 from launch.completion_echo import echo_entries, echo_logprobs, prompt_text, vllm_prompt_logprobs
-from launch.vllm_api import split_extras
+from launch.vllm_fields import split_extras
 
 MAX_CHOICES = 256  # prompts x n per request: bounds the work one HTTP request can queue
 # OpenAI field -> SamplingParams field; None: handled here, not a SamplingParams field
