@@ -210,6 +210,7 @@ class KVCache:
         span, count = min(tokens, size), min(len(self.k[slab][0]), math.ceil(limit / size))
         dtype = self.k[slab][0][0].dtype
         pad = ((0, 0), (0, 0), (0, span), (0, 0))  # a run's last block reads up to `span` past the row
+        # (`_put_run` reads span back from this padding: min(padded T // 2, block) == min(T, block))
         xk, xv = (jnp.pad(x.astype(dtype), pad) for x in (k, v))
         heads = tuple(tuple(g[:count] for g in groups) for groups in (self.k[slab], self.v[slab]))
         (head_k, head_v), *_ = jax.lax.fori_loop(0, runs.count, _write_run, (heads, runs, xk, xv, layer_at))

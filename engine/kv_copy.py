@@ -1,5 +1,5 @@
 """Copying one slot's K/V blocks into other slots: forks, prefix-cache hits that cannot reuse blocks in
-place, and compaction (`engine.program_set`'s block copy program; its row move is `device_state.move_row`).
+place, and compaction (the runner's block copy program; its row move is `device_state.move_row`).
 
 The cache's layout is `engine.kv_cache`'s: one array per (slab, slot group, block), slots on dim 1.
 """

@@ -2,7 +2,7 @@
 
 `jax.lax.dynamic_slice` and `dynamic_update_slice` wrap a negative traced start index around its axis by
 default: a compare, an add and a select traced (and lowered) for each traced index of every call. The KV
-cache's programs make thousands of these calls (decode puts each row's token into every block of every
+cache's programs hold thousands of these slices (decode puts each row's token into every block of every
 layer), and every index they pass is in range (or, in a branch that does not run, clamped by XLA), so
 they say so (`allow_negative_indices=False`, JAX >= 0.5.3).
 

@@ -1,5 +1,5 @@
-"""vLLM-compatible extras of the server: tokenizer endpoints, `/version`, vLLM's extra completion fields,
-and OpenAI-shaped errors for every HTTP error (404, 405, ...).
+"""vLLM-compatible extras of the server: tokenizer endpoints, `/version`, and OpenAI-shaped errors for
+every HTTP error (404, 405, ...).
 
 Endpoints (vLLM's shapes): `POST /tokenize` `{"prompt": str, "add_special_tokens"?, "return_token_strs"?}`
 -> `{"count", "max_model_len", "tokens", "token_strs"}`; `POST /detokenize` `{"tokens": [int]}` ->
@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from engine.tokenizer import EOS_TOKEN
+from launch.openai_api import ApiError, bad
 
 
 def _version() -> str:
@@ -36,8 +37,6 @@ def error_body(message: str, type_: str) -> dict:
 def add_routes(app: FastAPI, server) -> None:
     """Register the tokenizer endpoints, /version and the OpenAI-shaped HTTP error handlers on `app`;
     `server` is `launch.serve.Server` (its tokenizer, engine and `error`)."""
-    from launch.openai_api import ApiError, bad  # here: launch.openai_api imports this module
-
     def tokenizer():
         if server.tokenizer is None:
             raise ApiError(400, "this model has no tokenizer", None)
