@@ -36,9 +36,8 @@ def copy_blocks(cache: KVCache, src, dsts, counts, n) -> KVCache:
                 for b in range(len(groups[0]))]
 
     def targets(i) -> list[list[jax.Array]]:  # per group and block: dst's row there, else out of range
-        sizes = [g[0].shape[1] for g in cache.k[0]]
         return [[jnp.where((dst_g[i] == g) & (b < counts[i]), dst_i[i], size)[None] for b in range(cache.blocks)]
-                for g, size in enumerate(sizes)]
+                for g, size in enumerate(cache.group_sizes)]
 
     def write(groups: Groups, rows: list[jax.Array], at: list[list[jax.Array]]) -> Groups:
         return tuple(tuple(a.at[:, j].set(row, mode="drop") for a, j, row in zip(blocks, at[g], rows))
