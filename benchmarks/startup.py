@@ -10,7 +10,8 @@ Each figure is a fresh process (`python -m launch.serve` or `python -m launch.ba
   right after, and the seconds from spawn until every program is in memory (/metrics
   engine_programs_ready) with the peak maps until then;
 - serve gpt2-xl (`--load-format dummy`), cold: compile time should barely grow with depth;
-- `launch.batch examples/prompts.jsonl` with the gpt2 checkpoint, process start to exit, cold and warm;
+- `launch.batch examples/prompts.jsonl` with the gpt2 checkpoint, process start to exit, cold and warm,
+  with the context sized to the job (the default) and with the whole 1024 positions (`ctx 1024`);
 - `init_dummy` of gpt2 in this process.
 `--modes` picks the engines measured: `loop` (the default engine), `scan` (`--scan-layers`) and/or
 `one-group` (`--kv-slot-groups 1`); rows of the last two are marked `[scan]` / `[1 group]`.
@@ -160,6 +161,9 @@ def _tokenizer_dir() -> Path | None:
     return None
 
 
+# The batch job's context: sized to its lines (the default: 128 positions and one slot group for the
+# example file, `launch.batch_context`) and the whole 1024 positions (rows marked ` ctx 1024`).
+BATCH_CONTEXTS = {"": [], " ctx 1024": ["--max-seq-len", "1024"]}
 # --modes: the engine flags of each mode, and the tag of its rows
 MODES = {"loop": ([], ""), "scan": (["--scan-layers"], " [scan]"), "one-group": (["--kv-slot-groups", "1"], " [1 group]")}
 
@@ -196,18 +200,20 @@ def main(argv=None) -> None:
                 rows["serve gpt2-xl cold (dummy)" + tag] = serve(
                     "gpt2-xl", work / f"cache-xl-{mode}", ["--load-format", "dummy", *extra], args.timeout)
             if not args.skip_batch:
-                cache = work / f"cache-batch-{mode}"
-                rows["batch prompts.jsonl gpt2 cold" + tag] = batch(str(ckpt), cache, work, extra)
-                rows["batch prompts.jsonl gpt2 warm" + tag] = batch(str(ckpt), cache, work, extra)
+                for context, flags in BATCH_CONTEXTS.items():
+                    cache = work / f"cache-batch-{mode}{context}"
+                    for run in ("cold", "warm"):
+                        rows[f"batch prompts.jsonl gpt2 {run}{context}{tag}"] = batch(str(ckpt), cache, work,
+                                                                                      [*extra, *flags])
         rows["init_dummy gpt2 (in process)"] = {"seconds": dummy_init_seconds(), "peak_maps": None}
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"{'what':34s} {'seconds':>8s} {'peak maps':>10s} {'1st request s':>14s} {'all loaded s':>13s} "
+    print(f"{'what':44s} {'seconds':>8s} {'peak maps':>10s} {'1st request s':>14s} {'all loaded s':>13s} "
           f"{'maps then':>10s}", file=sys.stderr)
     for name, r in rows.items():
         extra = (f" {r['first_request_s']:14.2f} {r['loaded_s']:13.1f} {r['loaded_peak_maps']:10}"
                  if "loaded_s" in r else "")
-        print(f"{name:34s} {r['seconds']:8.1f} {r['peak_maps'] if r['peak_maps'] is not None else '-':>10}{extra}",
+        print(f"{name:44s} {r['seconds']:8.1f} {r['peak_maps'] if r['peak_maps'] is not None else '-':>10}{extra}",
               file=sys.stderr)
     line = json.dumps({"startup": rows, **environment()})
     if args.json_out:

@@ -241,6 +241,13 @@ def _locate(model, load_format: str) -> tuple[hf.Path | None, GPT2Config, str]:
     return folder, cfg, load_format
 
 
+def load_tokenizer(model, tokenizer=None, load_format: str = "auto") -> Tokenizer | None:
+    """The tokenizer `Engine.from_pretrained(model, tokenizer=tokenizer, load_format=load_format)` uses;
+    passed back to it as `tokenizer=`, it is loaded once."""
+    folder, cfg, _ = _locate(model, load_format)
+    return _load_tokenizer(tokenizer, folder, cfg)
+
+
 def _load_tokenizer(tokenizer, folder, cfg: GPT2Config) -> Tokenizer | None:
     """The given tokenizer, else the folder's, else (for GPT-2's vocabulary) the packaged GPT-2 one."""
     if isinstance(tokenizer, Tokenizer):

@@ -2,6 +2,7 @@
 
 Flags map onto `EngineConfig` fields (--max-slots, --max-seq-len, ...) and onto the default
 `SamplingParams` of every line (--temperature, --max-new-tokens, ...); a line's own fields override them.
+Without --max-seq-len the context is sized to the job's longest line (`launch/batch_context.py`).
 Line formats and the output shape: `launch/jsonl.py` (native) and `launch/openai_batch.py` (OpenAI batch).
 The loop: `launch/batch_job.py`; files and --resume: `launch/batch_io.py`.
 
@@ -24,9 +25,10 @@ from tqdm import tqdm
 from engine.config import DTYPES, EngineConfig
 from engine.sampling import SamplingParams
 from launch import distributed
+from launch.batch_context import sized_options
 from launch.batch_io import JobError, count_lines, default_output, input_lines, open_input
 from launch.batch_job import DEFAULT_BUFFERED_BYTES, BatchJob, JobOptions, Stats
-from launch.engine_flags import EngineLoadError, add_engine_flags, engine_options, load_engine
+from launch.engine_flags import EngineLoadError, add_engine_flags, engine_options, load_engine, load_tokenizer
 
 if TYPE_CHECKING:
     from engine.engine import Engine
@@ -53,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
                    help="dummy: random weights of the model's shape (needs no checkpoint)")
     e = p.add_argument_group("engine (EngineConfig fields; default: EngineConfig's)")
-    add_engine_flags(e, ENGINE_FLAGS)
+    add_engine_flags(e, ENGINE_FLAGS, {"max_seq_len": "context positions per slot (prompt + output); unset: the "
+                                                      "smallest of 128, 256, 512, 1024 that holds the job's longest "
+                                                      "line (prompt tokens + max_new_tokens)"})
     e.add_argument("--max-in-flight", type=int,
                    help="unfinished requests in the engine at once; a line of n samples counts n "
                         "(default: 4 x max-slots)")
@@ -107,12 +111,15 @@ def configs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[
     return options, JobOptions(defaults, args.seed, max_in_flight, args.model, args.max_buffered_bytes)
 
 
-def load_logged(args: argparse.Namespace, options: dict) -> Engine:
-    """The engine, with what was loaded and how long it took in the log."""
+def load_logged(args: argparse.Namespace, options: dict, job: JobOptions) -> Engine:
+    """The engine, with what was loaded and how long it took in the log. Without --max-seq-len its context
+    is sized to the job's lines (`launch.batch_context`)."""
+    tokenizer = load_tokenizer(args)  # any failure to load is job-level: one message, no traceback
+    options = sized_options(args.input, tokenizer, job.defaults.max_new_tokens, options)
     log.info("loading %s (load_format=%s, %s)", args.model, args.load_format,
              ", ".join(f"{k}={v}" for k, v in options.items()))
     started = time.perf_counter()
-    engine = load_engine(args, options)  # any failure to load is job-level: one message, no traceback
+    engine = load_engine(args, options, tokenizer)
     log.info("loaded in %.1f s (tokenizer: %s)", time.perf_counter() - started,
              "yes" if engine.tokenizer is not None else "none: token-id prompts only")
     return engine
@@ -125,7 +132,7 @@ def run(args: argparse.Namespace, engine_kwargs: dict, options: JobOptions) -> S
     if writer.done:
         log.info("resuming %s: %d lines already answered", output, len(writer.done))
     try:
-        engine = load_logged(args, engine_kwargs)
+        engine = load_logged(args, engine_kwargs, options)
         total = count_lines(args.input) if sys.stderr.isatty() else None
         with tqdm(total=total, unit="line", file=sys.stderr, disable=None, dynamic_ncols=True) as bar:
             stats = BatchJob(engine, writer, options, bar).run(input_lines(source))

@@ -16,6 +16,7 @@ from engine.config import EngineConfig
 
 if TYPE_CHECKING:
     from engine.engine import Engine
+    from engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +56,12 @@ class EngineLoadError(Exception):
     """The model (or tokenizer) could not be loaded; the message names the model and the cause."""
 
 
-def add_engine_flags(group: argparse._ActionsContainer, fields: tuple[str, ...]) -> None:
-    """`--max-slots` style flags for `fields` (keys of FLAGS), in that order."""
+def add_engine_flags(group: argparse._ActionsContainer, fields: tuple[str, ...], helps: dict | None = None) -> None:
+    """`--max-slots` style flags for `fields` (keys of FLAGS), in that order; `helps`: a command line's own
+    help text for some of them."""
     for field in fields:
-        group.add_argument("--" + field.replace("_", "-"), **FLAGS[field])
+        keywords = dict(FLAGS[field], **({"help": helps[field]} if helps and field in helps else {}))
+        group.add_argument("--" + field.replace("_", "-"), **keywords)
 
 
 def engine_options(args: argparse.Namespace, fields: tuple[str, ...], parser: argparse.ArgumentParser) -> dict:
@@ -72,13 +75,26 @@ def engine_options(args: argparse.Namespace, fields: tuple[str, ...], parser: ar
     return options
 
 
-def load_engine(args: argparse.Namespace, options: dict) -> Engine:
-    """`Engine.from_pretrained` from --model, --tokenizer, --load-format and `options`; any failure is one
-    EngineLoadError (the traceback goes to the DEBUG log)."""
+def load_engine(args: argparse.Namespace, options: dict, tokenizer: Tokenizer | None = None) -> Engine:
+    """`Engine.from_pretrained` from --model, --tokenizer (or `tokenizer`, from `load_tokenizer`),
+    --load-format and `options`; any failure is one EngineLoadError (the traceback goes to the DEBUG log)."""
     from engine.engine import Engine  # imports JAX: after the cheap checks
 
     try:
-        return Engine.from_pretrained(args.model, tokenizer=args.tokenizer, load_format=args.load_format, **options)
+        return Engine.from_pretrained(args.model, tokenizer=tokenizer or args.tokenizer, load_format=args.load_format,
+                                      **options)
     except Exception as e:
         log.debug("model load failed", exc_info=True)
+        raise EngineLoadError(f"cannot load model {args.model!r}: {e}") from None
+
+
+def load_tokenizer(args: argparse.Namespace) -> Tokenizer | None:
+    """The tokenizer `load_engine(args, ...)` would load (None: the model has none); a failure is one
+    EngineLoadError."""
+    from engine.engine import load_tokenizer  # imports JAX: after the cheap checks
+
+    try:
+        return load_tokenizer(args.model, args.tokenizer, args.load_format)
+    except Exception as e:
+        log.debug("tokenizer load failed", exc_info=True)
         raise EngineLoadError(f"cannot load model {args.model!r}: {e}") from None

@@ -256,6 +256,21 @@ def test_ids_never_collide_and_resume_answers_each_line_once(tmp_path, batch_mod
     assert [(o["id"], o.get("line")) for o in read_jsonl(out)] == [(o["id"], o.get("line")) for o in outputs]
 
 
+def test_without_max_seq_len_the_context_is_sized_to_the_job(tmp_path, mixed, batch_model, batch_env):
+    """The tiny model has 1024 positions; these lines need at most 14 (prompt + max_new_tokens), so a
+    128-position engine answers them (`launch.batch_context`; the mixed run's shape, so its stored programs
+    load), with the mixed run's tokens."""
+    path = write_jsonl(tmp_path / "short.jsonl", [GOOD_LINES[0], GOOD_LINES[3]])
+    flags = [f for f in ENGINE_FLAGS if f not in ("--max-seq-len", "128")]
+    proc = run_batch(batch_env, path, "--model", batch_model, *flags, "--kv-slot-groups", "2", "--max-new-tokens", "4")
+    assert proc.returncode == 0, proc.stderr
+    assert "context: 128 positions (longest line 14 positions" in proc.stderr and "max_seq_len=128" in proc.stderr
+    earlier = {o["id"]: o for o in mixed[1] if "token_ids" in o}  # not the repeated id's error
+    outputs = read_jsonl(tmp_path / "short.out.jsonl")
+    assert [o["id"] for o in outputs] == ["greedy-a", 7]
+    assert all(o["token_ids"] == earlier[o["id"]]["token_ids"] for o in outputs)
+
+
 def test_unloadable_model_fails_with_one_message(tmp_path, batch_env):
     model = tmp_path / "not_a_model"
     model.mkdir()
