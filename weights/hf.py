@@ -6,6 +6,7 @@ parameter path (the same dotted name) plus the reshape between HF's Conv1D layou
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -67,6 +68,7 @@ def resolve(model: str | os.PathLike) -> Path:
     return _download(text)
 
 
+@functools.cache  # once per process: the batch CLI resolves the model for its tokenizer first
 def _download(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
