@@ -18,14 +18,14 @@ import logging
 import os
 import sys
 import time
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 from tqdm import tqdm
 
 from engine.config import DTYPES, EngineConfig
 from engine.sampling import SamplingParams
 from launch import distributed
-from launch.batch_context import sized_options
+from launch.batch_context import check_unchanged, sized_options
 from launch.batch_io import JobError, count_lines, default_output, input_lines, open_input
 from launch.batch_job import DEFAULT_BUFFERED_BYTES, BatchJob, JobOptions, Stats
 from launch.engine_flags import EngineLoadError, add_engine_flags, engine_options, load_engine, load_tokenizer
@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = p.add_argument_group("engine (EngineConfig fields; default: EngineConfig's)")
     add_engine_flags(e, ENGINE_FLAGS, {"max_seq_len": "context positions per slot (prompt + output); unset: the "
                                                       "smallest of 128, 256, 512, 1024 that holds the job's longest "
-                                                      "line (prompt tokens + max_new_tokens)"})
+                                                      "line (prompt tokens + max_new_tokens), read ahead from the "
+                                                      "input (a pipe or a file over 16 MiB: 1024)"})
     e.add_argument("--max-in-flight", type=int,
                    help="unfinished requests in the engine at once; a line of n samples counts n "
                         "(default: 4 x max-slots)")
@@ -111,18 +112,22 @@ def configs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[
     return options, JobOptions(defaults, args.seed, max_in_flight, args.model, args.max_buffered_bytes)
 
 
-def load_logged(args: argparse.Namespace, options: dict, job: JobOptions) -> Engine:
+def load_logged(args: argparse.Namespace, options: dict, job: JobOptions,
+                source: IO[bytes]) -> tuple[Engine, int | None]:
     """The engine, with what was loaded and how long it took in the log. Without --max-seq-len its context
-    is sized to the job's lines (`launch.batch_context`)."""
+    is sized to the job's lines (`launch.batch_context`: read ahead from `source`, rewound; also returns the
+    bytes read ahead, None when not read ahead)."""
     tokenizer = load_tokenizer(args)  # any failure to load is job-level: one message, no traceback
-    options = sized_options(args.input, tokenizer, job.defaults.max_new_tokens, options)
+    options, read_ahead = sized_options(source, tokenizer, job.defaults.max_new_tokens, options)
+    distributed.check_same({k: options.get(k) for k in ("max_seq_len", "kv_slot_groups")},
+                           "the context sized to the input: it must be the same file on every host")
     log.info("loading %s (load_format=%s, %s)", args.model, args.load_format,
              ", ".join(f"{k}={v}" for k, v in options.items()))
     started = time.perf_counter()
     engine = load_engine(args, options, tokenizer)
     log.info("loaded in %.1f s (tokenizer: %s)", time.perf_counter() - started,
              "yes" if engine.tokenizer is not None else "none: token-id prompts only")
-    return engine
+    return engine, read_ahead
 
 
 def run(args: argparse.Namespace, engine_kwargs: dict, options: JobOptions) -> Stats:
@@ -132,10 +137,11 @@ def run(args: argparse.Namespace, engine_kwargs: dict, options: JobOptions) -> S
     if writer.done:
         log.info("resuming %s: %d lines already answered", output, len(writer.done))
     try:
-        engine = load_logged(args, engine_kwargs, options)
+        engine, read_ahead = load_logged(args, engine_kwargs, options, source)
         total = count_lines(args.input) if sys.stderr.isatty() else None
         with tqdm(total=total, unit="line", file=sys.stderr, disable=None, dynamic_ncols=True) as bar:
             stats = BatchJob(engine, writer, options, bar).run(input_lines(source))
+        check_unchanged(source, read_ahead, engine.max_seq_len)
     finally:
         writer.close()
         source.close()

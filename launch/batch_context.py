@@ -1,38 +1,45 @@
 """A batch job's context sized to its lines (`launch.batch` without --max-seq-len).
 
 The KV cache, the prefill buckets and every decode, extend and copy program grow with `max_seq_len`: the
-16-slot decode program of a 1024-position gpt2 engine reads 8 cache blocks of 128 positions per layer and
-slot group, each block its own kernels; a 128-position engine's reads one. So a job whose every line fits
-in fewer positions runs on the smallest level that holds its longest line: `BLOCK` x 2^k positions (a few
-levels, so the executable store serves later jobs of the same level), at most the default context
-(`EngineConfig.max_seq_len`; the engine clips it to the checkpoint's positions). A context of one block
-also gets one KV slot group unless --kv-slot-groups is given (`sized_options`).
+16-slot decode program of a 1024-position gpt2 engine holds kernels for 8 cache blocks of 128 positions per
+layer and slot group (each group reads those its slots reach), a 128-position engine's for one. So a job
+whose every line fits in fewer positions runs on the smallest level that holds its longest line: `BLOCK` x
+2^k positions (a few levels, so the executable store serves later jobs of the same level), at most the
+default context (`EngineConfig.max_seq_len`; the engine clips it to the checkpoint's positions). A
+context of one block also gets one KV slot group unless --kv-slot-groups is given (`sized_options`).
 
 A line needs its prompt's tokens plus its max_new_tokens (`max_tokens`; else the job's default; at least
 one: scoring a prompt keeps one position free). The read-ahead takes only those two fields (the prompt
 as `native_prompt` / `body_prompt` read it, text tokenized by the job's tokenizer), so it may count a
 line the job then refuses for another field: the context can only come out larger than needed, never
 smaller. A line whose prompt or max_new_tokens cannot be read is left out (the job answers it with its
-error). Reading stops once a line needs the default context. Outputs are those of the default context: a
-line that fits attends to the same positions (those past a slot's own are masked either way; only the
-float rounding of a longer masked sum can differ), and one that does not fit meets the same limit. Lines
-a --resume run skips are counted too, and every process of a multi-process job reads the same file with
-the same tokenizer, so all of them choose the same level.
+error). Reading stops once a line needs the default context. A line that fits gets the same positions
+and limits as under the default context (the positions past a slot's own are masked either way), and one
+that does not fit meets the same limit; the programs differ (fewer blocks, prefill buckets clipped to the
+context, maybe one slot group), so logprobs can differ in float rounding, and greedy near-ties with them.
+Lines a --resume run skips are counted too.
 
-Only a regular file of at most READ_AHEAD_BYTES is read ahead (a pipe would be consumed; a larger file is
-a long job, whose start-up matters less than a second pass over it): other inputs keep the default.
+The read-ahead goes through the job's own open input (then rewound), so it sees the bytes the job will
+read, as far as the file's size then: lines appended while the job runs are not counted, and
+`check_unchanged` warns when the input grew. Only a regular file of at most READ_AHEAD_BYTES is read
+ahead (a pipe would be consumed; a larger file is a long job, whose start-up matters less than a second
+pass over it): other inputs keep the default, and so does a read that fails. Every process of a
+multi-process job must choose the same context (`launch.distributed.check_same`).
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
+import stat
 import time
 from collections.abc import Iterable, Iterator, Mapping
+from typing import IO
 
 from engine.config import EngineConfig
 from engine.tokenizer import Tokenizer
 from launch.batch_io import input_lines
-from launch.jsonl import native_prompt, read_line
+from launch.jsonl import ALIASES, native_prompt, read_line
 from launch.openai_batch import body_prompt
 
 log = logging.getLogger(__name__)
@@ -56,7 +63,7 @@ def prompts(lines: Iterable[tuple[int, bytes]], default_new: int) -> Iterator[tu
         obj = line.obj.get("body") if line.openai and line.obj is not None else line.obj
         if line.problem is not None or not isinstance(obj, Mapping):
             continue
-        given = [obj[k] for k in ("max_new_tokens", "max_tokens") if obj.get(k) is not None]
+        given = [obj[k] for k in (*ALIASES, *ALIASES.values()) if obj.get(k) is not None]
         if not all(isinstance(n, int) and not isinstance(n, bool) for n in given):
             continue  # the job refuses it
         try:
@@ -90,26 +97,47 @@ def longest_line(lines: Iterable[tuple[str | list, int]], tokenizer: Tokenizer |
     return max(longest, tokenize()) if texts else longest
 
 
-def sized_options(path: str, tokenizer: Tokenizer | None, default_new: int, options: dict) -> dict:
-    """`options` (EngineConfig fields) with `max_seq_len` sized to the job in `path` (`default_new`: the
-    job's max_new_tokens), unless given or `path` is not read ahead; with a context of one block also
+def sized_options(source: IO[bytes], tokenizer: Tokenizer | None, default_new: int,
+                  options: dict) -> tuple[dict, int | None]:
+    """`options` (EngineConfig fields) with `max_seq_len` sized to the job read from `source` (`default_new`:
+    the job's max_new_tokens), unless given or `source` is not read ahead; with a context of one block also
     `kv_slot_groups` 1 unless given (groups skip the blocks their slots do not reach: with one block only
-    an empty group skips its one, and each group adds its own attention kernels to every program)."""
+    an empty group skips its one, and each group adds its own attention kernels to every program). Returns
+    them and the bytes read ahead (None: not read ahead). `source` is left at its start."""
     from engine.kv_cache import BLOCK  # imports JAX: after the flags are checked
 
     if "max_seq_len" in options:
-        return options
-    cap = EngineConfig.max_seq_len
-    if not os.path.isfile(path) or os.path.getsize(path) > READ_AHEAD_BYTES:
-        why = f"over {READ_AHEAD_BYTES >> 20} MiB" if os.path.isfile(path) else "not a regular file"
-        log.info("context: %s is %s, so not read ahead: the default %d positions (--max-seq-len sets it)",
-                 path, why, cap)
-        return options
+        return options, None
+    cap, name = EngineConfig.max_seq_len, getattr(source, "name", "the input")
     started = time.perf_counter()
-    with open(path, "rb") as f:
-        need = longest_line(prompts(input_lines(f), default_new), tokenizer, cap)
+    info = os.fstat(source.fileno())
+    if not stat.S_ISREG(info.st_mode) or info.st_size > READ_AHEAD_BYTES:
+        why = f"over {READ_AHEAD_BYTES >> 20} MiB" if stat.S_ISREG(info.st_mode) else "not a regular file"
+        log.info("context: %s is %s, so not read ahead: the default (%d positions or the model's; "
+                 "--max-seq-len sets it)", name, why, cap)
+        return options, None
+    try:
+        data = source.read(info.st_size)
+    except OSError as e:
+        log.warning("context: reading %s ahead failed (%s): the default (%d positions or the model's)", name, e, cap)
+        return options, None
+    finally:
+        source.seek(0)  # a regular file; raises if it cannot: the job must not start mid-file
+    need = longest_line(prompts(input_lines(io.BytesIO(data)), default_new), tokenizer, cap)
     level = context_level(need, BLOCK, cap)
     log.info("context: %d positions (longest line %s; read ahead in %.1f s; --max-seq-len sets it)", level,
              f"{need} positions" if need < cap else f">= {cap}", time.perf_counter() - started)
     sized = {"max_seq_len": level, **({"kv_slot_groups": 1} if level <= BLOCK else {})}
-    return {**sized, **options}  # a given --kv-slot-groups wins
+    return {**sized, **options}, len(data)  # a given --kv-slot-groups wins
+
+
+def check_unchanged(source: IO[bytes], read_ahead: int | None, context: int) -> None:
+    """Warn when the input grew after it was read ahead: lines appended since had `context` positions."""
+    try:
+        size = os.fstat(source.fileno()).st_size
+    except (OSError, ValueError):  # closed or gone: nothing more to say
+        return
+    if read_ahead is not None and size > read_ahead:
+        log.warning("the input grew from %d to %d bytes after it was read ahead: lines added since ran with a "
+                    "context of %d positions; rerun any cut short (finish_reason length) with --max-seq-len",
+                    read_ahead, size, context)

@@ -10,6 +10,8 @@ the same scheduling, the same compiled programs. Invariants:
 - Only process 0 writes the output; the others write to os.devnull. With --resume every process reads the
   answered keys after process 0 has repaired the file (a barrier), and all must agree on their number:
   the output must be on a filesystem every host sees.
+- What a process derives from its own copy of the input (the batch job's sized context) is checked equal on
+  every process (`check_same`) before any engine is built.
 """
 from __future__ import annotations
 
@@ -83,3 +85,20 @@ def output_writer(path: str, resume: bool, overwrite: bool) -> OutputWriter:
         multihost_utils.assert_equal(len(writer.done), "processes disagree on the answered lines of "
                                      f"{path!r}: --resume needs it on a filesystem every host sees")
     return writer
+
+
+def check_same(values: dict[str, int | None], what: str) -> None:
+    """Every process must have the same `values` (ints or None; e.g. the engine options a process derived
+    from its input): a JobError naming `what` otherwise, before any of them builds an engine."""
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    try:
+        multihost_utils.assert_equal(np.asarray([-1 if v is None else v for v in values.values()]),
+                                     f"processes disagree on {what} ({values} on process {jax.process_index()})")
+    except AssertionError as e:
+        raise JobError(str(e)) from None

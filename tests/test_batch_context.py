@@ -9,7 +9,13 @@ import pytest
 
 from engine.tokenizer import Tokenizer
 from launch import batch_context
-from launch.batch_context import context_level, longest_line, prompts, sized_options
+from launch.batch_context import (
+    check_unchanged,
+    context_level,
+    longest_line,
+    prompts,
+    sized_options,
+)
 from launch.batch_io import input_lines
 
 
@@ -57,21 +63,48 @@ def test_reading_stops_once_a_line_needs_the_cap():
     assert longest_line(lines(), None, 1024) == 2002
 
 
+def sized(path, *args) -> tuple[dict, int | None]:
+    with open(path, "rb") as f:
+        out = sized_options(f, *args)
+        assert f.tell() == 0  # rewound for the job
+    return out
+
+
 def test_the_options_given_win_and_one_block_gets_one_slot_group(tmp_path):
     short = write(tmp_path / "short.jsonl", [{"prompt": "Hi", "max_tokens": 8}])
     long = write(tmp_path / "long.jsonl", [{"prompt_token_ids": [1] * 200, "max_tokens": 8}])
-    tok = Tokenizer.gpt2()
-    assert sized_options(short, tok, 16, {"dtype": "float32"}) == {
-        "dtype": "float32", "max_seq_len": 128, "kv_slot_groups": 1}
-    assert sized_options(short, tok, 16, {"kv_slot_groups": 4}) == {"max_seq_len": 128, "kv_slot_groups": 4}
-    assert sized_options(long, tok, 16, {}) == {"max_seq_len": 256}
-    assert sized_options(long, tok, 16, {"max_seq_len": 1024}) == {"max_seq_len": 1024}
+    tok, size = Tokenizer.gpt2(), os.path.getsize(short)
+    assert sized(short, tok, 16, {"dtype": "float32"}) == ({"dtype": "float32", "max_seq_len": 128,
+                                                           "kv_slot_groups": 1}, size)
+    assert sized(short, tok, 16, {"kv_slot_groups": 4}) == ({"max_seq_len": 128, "kv_slot_groups": 4}, size)
+    assert sized(long, tok, 16, {}) == ({"max_seq_len": 256}, os.path.getsize(long))
+    assert sized(long, tok, 16, {"max_seq_len": 1024}) == ({"max_seq_len": 1024}, None)
 
 
 def test_a_pipe_or_a_file_over_the_read_ahead_bound_keeps_the_default(tmp_path, monkeypatch):
     fifo = tmp_path / "in.fifo"
     os.mkfifo(fifo)
-    assert sized_options(str(fifo), None, 16, {"dtype": "float32"}) == {"dtype": "float32"}
+    writer = os.open(fifo, os.O_RDWR)  # keeps the read end's open from blocking, and the pipe unread
+    try:
+        os.write(writer, b'{"prompt": "Hi", "max_tokens": 8}\n')
+        with open(fifo, "rb") as f:
+            assert sized_options(f, None, 16, {"dtype": "float32"}) == ({"dtype": "float32"}, None)
+            assert f.readline() == b'{"prompt": "Hi", "max_tokens": 8}\n'  # nothing consumed
+    finally:
+        os.close(writer)
     short = write(tmp_path / "short.jsonl", [{"prompt": "Hi", "max_tokens": 8}])
     monkeypatch.setattr(batch_context, "READ_AHEAD_BYTES", os.path.getsize(short) - 1)
-    assert sized_options(short, None, 16, {}) == {}
+    assert sized(short, None, 16, {}) == ({}, None)
+
+
+def test_lines_appended_after_the_read_ahead_are_warned_about(tmp_path, caplog):
+    path = write(tmp_path / "in.jsonl", [{"prompt_token_ids": [1], "max_tokens": 8}])
+    with open(path, "rb") as f:
+        options, read = sized_options(f, None, 16, {})
+        check_unchanged(f, read, options["max_seq_len"])
+        assert caplog.text == ""
+        with open(path, "ab") as grow:
+            grow.write(b'{"prompt_token_ids": [1], "max_tokens": 500}\n')
+        check_unchanged(f, read, options["max_seq_len"])
+    assert "the input grew from 43 to 88 bytes after it was read ahead" in caplog.text
+    assert "context of 128 positions" in caplog.text

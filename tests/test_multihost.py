@@ -84,6 +84,24 @@ def test_two_processes_write_exactly_what_one_process_writes(tiny_model, tmp_pat
     assert (tmp_path / "p1.jsonl").read_text() == ""  # only process 0 writes
 
 
+def test_processes_that_size_the_context_differently_stop_before_building_an_engine(tiny_model, tmp_path):
+    """Without --max-seq-len each process sizes the context from its own copy of the input
+    (`launch.batch_context`): copies that differ are a job-level error on every process, not a hang."""
+    port, procs = free_port(), []
+    flags = [f for f in FLAGS if f not in ("--max-seq-len", "32")]
+    for i, tokens in enumerate((10, 200)):  # 10 + 4 positions: 128; 200 + 4: 256
+        (tmp_path / str(i)).mkdir()
+        path = tmp_path / str(i) / "in.jsonl"
+        path.write_text(json.dumps({"prompt_token_ids": [464] * tokens, "max_tokens": 4}) + "\n")
+        procs.append(start([path, "--model", tiny_model, *flags, "--coordinator", f"127.0.0.1:{port}",
+                            "--num-processes", 2, "--process-id", i], 4, tmp_path / f"p{i}"))
+    assert finish(procs) == [1, 1]
+    for i in (0, 1):
+        log = (tmp_path / f"p{i}.log").read_text()
+        assert "processes disagree on the context sized to the input" in log and "Traceback" not in log, log
+        assert "loading" not in log  # no engine was built
+
+
 @pytest.mark.parametrize("coordinator,num,pid,match", [
     ("127.0.0.1:1234", None, None, "give all of --coordinator HOST:PORT, --num-processes N and --process-id I"),
     (None, 2, 0, "give all of"),
