@@ -98,7 +98,9 @@ class ProgramSet:
         if folder is None:
             return None
         devices = list(self.mesh.devices.flat)
-        ecfg = dataclasses.replace(self.ecfg, kv_slot_groups=self.groups)  # unset and its value: one program set
+        # unset groups and their value: one program set; the engine seed and the prefix-cache budget only
+        # steer the host (request seeds, scheduling), so engines that differ in them share their programs
+        ecfg = dataclasses.replace(self.ecfg, kv_slot_groups=self.groups, seed=None, prefix_cache_max_blocks=None)
         key = fingerprint(self.cfg, ecfg, dict(self.mesh.shape), [(d.platform, d.id) for d in devices],
                           leaves(self.params), leaves(self.state))
         return ExecutableStore(folder, key, devices)

@@ -319,6 +319,8 @@ def test_a_damaged_stored_program_is_compiled_again_and_other_configs_get_their_
     assert [c.finish_reason for c in second.generate([[5, 6, 7]], SamplingParams(max_new_tokens=3))] == ["length"]
     other = _small_engine(folder, cache, decode_steps=3)
     assert other.runner._decode.store.folder != store.folder
+    host_only = _small_engine(folder, cache, seed=7, prefix_cache_max_blocks=2)  # the same programs
+    assert host_only.runner._decode.store.folder == store.folder
     assert _small_engine(folder, cache, mesh="data=2,model=4").runner._decode.store.folder != store.folder
     plain = Engine.from_pretrained(folder, compile_cache=False, max_slots=2, max_seq_len=32)
     assert plain.runner._decode.store is None
