@@ -12,8 +12,9 @@ A line needs its prompt's tokens plus its max_new_tokens (`max_tokens`; else the
 one: scoring a prompt keeps one position free). The read-ahead takes only those two fields (the prompt
 as `native_prompt` / `body_prompt` read it, text tokenized by the job's tokenizer), so it may count a
 line the job then refuses for another field: the context can only come out larger than needed, never
-smaller. A line whose prompt or max_new_tokens cannot be read is left out (the job answers it with its
-error). Reading stops once a line needs the default context. A line that fits gets the same positions
+smaller (so is a text prompt of over LONG_TEXT characters a position, taken to need the whole context
+untokenized). A line whose prompt or max_new_tokens cannot be read is left out (the job answers it with
+its error). Reading stops once a line needs the default context. A line that fits gets the same positions
 and limits as under the default context (the positions past a slot's own are masked either way), and one
 that does not fit meets the same limit; the programs differ (fewer blocks, prefill buckets clipped to the
 context, maybe one slot group), so logprobs can differ in float rounding, and greedy near-ties with them.
@@ -45,6 +46,9 @@ from launch.openai_batch import body_prompt
 log = logging.getLogger(__name__)
 
 CHUNK = 512  # text prompts tokenized together
+# A text prompt of more characters than this per position of the default context is taken to need the
+# whole context without being tokenized (English runs ~4 characters a token; a 13 MiB prompt took 10 s).
+LONG_TEXT = 64
 READ_AHEAD_BYTES = 16 << 20  # ~50k lines of ~60 tokens: read ahead in ~3.5 s on the 2-core CPU
 
 
@@ -87,6 +91,8 @@ def longest_line(lines: Iterable[tuple[str | list, int]], tokenizer: Tokenizer |
         if isinstance(prompt, str):
             if tokenizer is None:
                 continue  # the job answers it with an error
+            if len(prompt) > LONG_TEXT * enough:
+                return max(longest, enough)  # taken to need it all, untokenized: larger is always safe
             texts.append((prompt, new))
             if len(texts) == CHUNK:
                 longest = max(longest, tokenize())

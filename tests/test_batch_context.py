@@ -55,6 +55,16 @@ def test_a_line_the_job_refuses_for_another_field_only_makes_the_context_larger(
     assert longest_line(prompts([(0, line)], 16), None, 1024) == 302
 
 
+def test_a_text_prompt_too_long_to_fit_at_any_rate_is_not_tokenized():
+    class Refuses:
+        def encode_batch(self, texts):
+            raise AssertionError("tokenized a prompt of 64 characters a position")
+
+    long = [("x" * (64 * 1024 + 1), 4)]
+    assert longest_line(long, Refuses(), 1024) == 1024
+    assert longest_line([("x" * (64 * 1024), 4)], Tokenizer.gpt2(), 1024) == 8192 + 4  # at the bound: tokenized
+
+
 def test_reading_stops_once_a_line_needs_the_cap():
     def lines():
         yield from prompts([(0, b'{"prompt_token_ids": [1, 2], "max_tokens": 2000}')], 16)
