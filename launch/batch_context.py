@@ -14,9 +14,9 @@ as `native_prompt` / `body_prompt` read it, text tokenized by the job's tokenize
 line the job then refuses for another field: the context can only come out larger than needed, never
 smaller (so is a text prompt of over LONG_TEXT characters a position, taken to need the whole context
 untokenized). A line whose prompt or max_new_tokens cannot be read is left out (the job answers it with
-its error). Reading stops once a line needs the default context. A line that fits gets the same positions
-and limits as under the default context (the positions past a slot's own are masked either way), and one
-that does not fit meets the same limit; the programs differ (fewer blocks, prefill buckets clipped to the
+its error). Reading stops at the first line that already needs the default context (over 512 positions of
+1024: `needs_the_cap`). A line that fits gets the same positions and limits as under the default context
+(the positions past a slot's own are masked either way), and one that does not fit meets the same limit; the programs differ (fewer blocks, prefill buckets clipped to the
 context, maybe one slot group), so logprobs can differ in float rounding, and greedy near-ties with them.
 Lines a --resume run skips are counted too.
 
@@ -46,8 +46,8 @@ from launch.openai_batch import body_prompt
 log = logging.getLogger(__name__)
 
 CHUNK = 512  # text prompts tokenized together
-# A text prompt of more characters than this per position of the default context is taken to need the
-# whole context without being tokenized (English runs ~4 characters a token; a 13 MiB prompt took 10 s).
+# A text prompt of more characters than this per position of `needs_the_cap` is taken to need the whole
+# context without being tokenized (English runs ~4 characters a token; a 13 MiB prompt took 10 s).
 LONG_TEXT = 64
 READ_AHEAD_BYTES = 16 << 20  # ~50k lines of ~60 tokens: read ahead in ~3.5 s on the 2-core CPU
 
@@ -58,6 +58,14 @@ def context_level(need: int, block: int, cap: int) -> int:
     while level < need and level < cap:
         level *= 2
     return min(level, cap)
+
+
+def needs_the_cap(block: int, cap: int) -> int:
+    """The least need whose level is `cap`: past it, no line can change the context."""
+    level = block
+    while level * 2 < cap:
+        level *= 2
+    return level + 1 if level < cap else 1
 
 
 def prompts(lines: Iterable[tuple[int, bytes]], default_new: int) -> Iterator[tuple[str | list, int]]:
@@ -129,10 +137,11 @@ def sized_options(source: IO[bytes], tokenizer: Tokenizer | None, default_new: i
         return options, None
     finally:
         source.seek(0)  # a regular file; raises if it cannot: the job must not start mid-file
-    need = longest_line(prompts(input_lines(io.BytesIO(data)), default_new), tokenizer, cap)
+    enough = needs_the_cap(BLOCK, cap)
+    need = longest_line(prompts(input_lines(io.BytesIO(data)), default_new), tokenizer, enough)
     level = context_level(need, BLOCK, cap)
     log.info("context: %d positions (longest line %s; read ahead in %.1f s; --max-seq-len sets it)", level,
-             f"{need} positions" if need < cap else f">= {cap}", time.perf_counter() - started)
+             f"{need} positions" if need < enough else f">= {enough}", time.perf_counter() - started)
     sized = {"max_seq_len": level, **({"kv_slot_groups": 1} if level <= BLOCK else {})}
     return {**sized, **options}, len(data)  # a given --kv-slot-groups wins
 

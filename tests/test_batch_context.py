@@ -65,6 +65,13 @@ def test_a_text_prompt_too_long_to_fit_at_any_rate_is_not_tokenized():
     assert longest_line([("x" * (64 * 1024), 4)], Tokenizer.gpt2(), 1024) == 8192 + 4  # at the bound: tokenized
 
 
+@pytest.mark.parametrize("block, cap, least", [(128, 1024, 513), (128, 256, 129), (128, 128, 1), (128, 64, 1),
+                                               (128, 600, 513)])
+def test_past_half_the_cap_every_line_gets_the_cap(block, cap, least):
+    assert context_level(least, block, cap) == cap and (least == 1 or context_level(least - 1, block, cap) < cap)
+    assert batch_context.needs_the_cap(block, cap) == least
+
+
 def test_reading_stops_once_a_line_needs_the_cap():
     def lines():
         yield from prompts([(0, b'{"prompt_token_ids": [1, 2], "max_tokens": 2000}')], 16)
