@@ -16,9 +16,10 @@ smaller (so is a text prompt of over LONG_TEXT characters a position, taken to n
 untokenized). A line whose prompt or max_new_tokens cannot be read is left out (the job answers it with
 its error). Reading stops at the first line that already needs the default context (over 512 positions of
 1024: `needs_the_cap`). A line that fits gets the same positions and limits as under the default context
-(the positions past a slot's own are masked either way), and one that does not fit meets the same limit; the programs differ (fewer blocks, prefill buckets clipped to the
-context, maybe one slot group), so logprobs can differ in float rounding, and greedy near-ties with them.
-Lines a --resume run skips are counted too.
+(the positions past a slot's own are masked either way), and one that does not fit meets the same limit;
+the programs differ (fewer blocks, prefill buckets clipped to the context, maybe one slot group), so
+logprobs can differ in float rounding, and greedy near-ties with them. Lines a --resume run skips are
+counted too.
 
 The read-ahead goes through the job's own open input (then rewound), so it sees the bytes the job will
 read, as far as the file's size then: lines appended while the job runs are not counted, and
@@ -38,6 +39,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import IO
 
 from engine.config import EngineConfig
+from engine.sampling import MAX_INT
 from engine.tokenizer import Tokenizer
 from launch.batch_io import input_lines
 from launch.jsonl import ALIASES, native_prompt, read_line
@@ -76,7 +78,7 @@ def prompts(lines: Iterable[tuple[int, bytes]], default_new: int) -> Iterator[tu
         if line.problem is not None or not isinstance(obj, Mapping):
             continue
         given = [obj[k] for k in (*ALIASES, *ALIASES.values()) if obj.get(k) is not None]
-        if not all(isinstance(n, int) and not isinstance(n, bool) for n in given):
+        if not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= MAX_INT for n in given):
             continue  # the job refuses it
         try:
             prompt = body_prompt(obj) if line.openai else native_prompt(obj)

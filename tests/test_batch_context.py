@@ -39,6 +39,7 @@ def test_a_line_needs_its_prompt_tokens_and_max_new_tokens_and_unreadable_lines_
              {"prompt_token_ids": [1] * 119, "max_tokens": 0, "echo": True, "logprobs": 1},  # scoring: 119 + 1
              {"custom_id": "oa", "url": "/v1/completions", "body": {"prompt": [[1] * 50], "max_tokens": 60}},
              '{"prompt_token_ids": [1, 2', {"prompt": "x", "max_tokens": "5000"},  # not JSON; not an int
+             {"prompt": "x", "max_tokens": 2**63}, {"prompt": "x", "max_new_tokens": -1},  # out of range
              {"prompt": ["x"] * 900}, {"custom_id": "chat", "body": {"messages": [{"content": "x" * 900}]}}]
     with open(write(tmp_path / "in.jsonl", lines), "rb") as f:
         read = list(prompts(input_lines(f), 16))
