@@ -4,7 +4,8 @@ give, and loading the engine from them.
 Invariants:
 - A flag's dest is its `EngineConfig` field name; an unset flag (None) leaves the field's default.
 - Each command line picks which fields it exposes, and their order in --help, by a tuple of field names.
-- Nothing here imports JAX until `load_engine` runs, so flag errors come before the slow import.
+- Nothing here imports JAX until `load_engine` or `load_tokenizer` runs, so flag errors come before the slow
+  import.
 """
 from __future__ import annotations
 
