@@ -81,7 +81,8 @@ def _is_num(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
 
 
-def _int_in(value: object, low: int, high: int) -> bool:
+def int_in(value: object, low: int, high: int) -> bool:
+    """An int (not a bool) in [low, high]: the check of every int field (the batch read-ahead's too)."""
     return _is_int(value) and low <= value <= high
 
 
@@ -110,27 +111,27 @@ def _problems(p: SamplingParams) -> list[tuple[str, str]]:
     t_low, t_high = TEMPERATURE_RANGE
     r_low, r_high = REPETITION_PENALTY_RANGE
     scoring_only = p.max_new_tokens == 0 and p.prompt_logprobs is not None
-    check("max_new_tokens", _int_in(p.max_new_tokens, 0 if scoring_only else 1, MAX_INT),
+    check("max_new_tokens", int_in(p.max_new_tokens, 0 if scoring_only else 1, MAX_INT),
           "an int in [1, 2**63) (0 only with prompt_logprobs set: score the prompt, generate nothing)")
     check("temperature", _num_in(p.temperature, 0, 0) or _num_in(p.temperature, t_low, t_high),
           f"0 (greedy) or a number in [{t_low:g}, {t_high:g}]")
-    check("top_k", _int_in(p.top_k, 0, MAX_INT), "an int in [0, 2**63) (0 = off)")
+    check("top_k", int_in(p.top_k, 0, MAX_INT), "an int in [0, 2**63) (0 = off)")
     check("top_p", _num_in(p.top_p, 0, 1) and p.top_p > 0, "a number in (0, 1]")
     check("min_p", _num_in(p.min_p, 0, 1), "a number in [0, 1]")
     check("repetition_penalty", _num_in(p.repetition_penalty, r_low, r_high), f"a number in [{r_low:g}, {r_high:g}]")
     check("presence_penalty", _num_in(p.presence_penalty, -2, 2), "a number in [-2, 2]")
     check("frequency_penalty", _num_in(p.frequency_penalty, -2, 2), "a number in [-2, 2]")
-    check("seed", p.seed is None or _int_in(p.seed, 0, 2**64 - 1), "None or an int in [0, 2**64)")
+    check("seed", p.seed is None or int_in(p.seed, 0, 2**64 - 1), "None or an int in [0, 2**64)")
     check("stop", all(isinstance(s, str) and s for s in p.stop), "non-empty strings")
-    check("stop_token_ids", all(_int_in(t, 0, MAX_TOKEN_ID) for t in p.stop_token_ids),
+    check("stop_token_ids", all(int_in(t, 0, MAX_TOKEN_ID) for t in p.stop_token_ids),
           f"ints in [0, {MAX_TOKEN_ID}]")
     check("ignore_eos", isinstance(p.ignore_eos, bool), "a bool")
     check("include_stop_str_in_output", isinstance(p.include_stop_str_in_output, bool), "a bool")
-    check("n", _int_in(p.n, 1, MAX_N), f"an int in [1, {MAX_N}]")
+    check("n", int_in(p.n, 1, MAX_N), f"an int in [1, {MAX_N}]")
     most = p.max_new_tokens if _is_int(p.max_new_tokens) and p.max_new_tokens >= 0 else MAX_INT
-    check("min_tokens", _int_in(p.min_tokens, 0, most),
+    check("min_tokens", int_in(p.min_tokens, 0, most),
           f"an int in [0, {_short(most)}] (0 = off; at most max_new_tokens, the request's max tokens)")
-    check("logprobs", p.logprobs is None or _int_in(p.logprobs, 0, MAX_LOGPROBS),
+    check("logprobs", p.logprobs is None or int_in(p.logprobs, 0, MAX_LOGPROBS),
           f"None or an int in [0, {MAX_LOGPROBS}]")
     check("prompt_logprobs", p.prompt_logprobs is None or (_is_int(p.prompt_logprobs)
                                                            and 0 <= p.prompt_logprobs <= MAX_LOGPROBS),

@@ -39,7 +39,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import IO
 
 from engine.config import EngineConfig
-from engine.sampling import MAX_INT
+from engine.sampling import MAX_INT, int_in
 from engine.tokenizer import Tokenizer
 from launch.batch_io import input_lines
 from launch.jsonl import ALIASES, native_prompt, read_line
@@ -54,20 +54,23 @@ LONG_TEXT = 64
 READ_AHEAD_BYTES = 16 << 20  # ~50k lines of ~60 tokens: read ahead in ~3.5 s on the 2-core CPU
 
 
+def levels(block: int, cap: int) -> list[int]:
+    """The contexts a job can get: `block` x 2^k below `cap`, then `cap`."""
+    out = []
+    while (block << len(out)) < cap:
+        out.append(block << len(out))
+    return out + [cap]
+
+
 def context_level(need: int, block: int, cap: int) -> int:
-    """The smallest `block` x 2^k >= need, at most `cap`."""
-    level = block
-    while level < need and level < cap:
-        level *= 2
-    return min(level, cap)
+    """The smallest level >= need (`cap` past them all)."""
+    return next(level for level in levels(block, cap) if level >= need or level == cap)
 
 
 def needs_the_cap(block: int, cap: int) -> int:
     """The least need whose level is `cap`: past it, no line can change the context."""
-    level = block
-    while level * 2 < cap:
-        level *= 2
-    return level + 1 if level < cap else 1
+    below = levels(block, cap)[:-1]
+    return below[-1] + 1 if below else 1
 
 
 def prompts(lines: Iterable[tuple[int, bytes]], default_new: int) -> Iterator[tuple[str | list, int]]:
@@ -78,7 +81,7 @@ def prompts(lines: Iterable[tuple[int, bytes]], default_new: int) -> Iterator[tu
         if line.problem is not None or not isinstance(obj, Mapping):
             continue
         given = [obj[k] for k in (*ALIASES, *ALIASES.values()) if obj.get(k) is not None]
-        if not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= MAX_INT for n in given):
+        if not all(int_in(n, 0, MAX_INT) for n in given):
             continue  # the job refuses it
         try:
             prompt = body_prompt(obj) if line.openai else native_prompt(obj)
